@@ -1,0 +1,42 @@
+# The README's commands. Each target creates .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Keep every tool's state inside the project and its telemetry off.
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export GX_ANALYTICS_ENABLED := false
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup pipeline test bench clean-cache help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+# One editable install with the dev extra; re-run when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install diffrep with the dev extra
+
+pipeline: setup  ## run the whole DVC pipeline on the embedded default data
+	$(BIN)/dvc repro
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+bench: setup  ## run the benchmarks (writes bench/results/*.json)
+	$(BIN)/python -m bench
+
+clean-cache:  ## remove resume checkpoints and TensorBoard runs
+	rm -rf .cache/checkpoints runs

@@ -1,0 +1,98 @@
+"""The `diffrep` command line: pipeline stages, lineage audit, sampling.
+
+Heavy libraries (torch, GX, Prefect) are imported inside the commands so that
+`diffrep --help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> "module:function"; each function takes (cfg, root) and returns its metrics dict
+STAGES = {
+    "prepare": "diffrep.stages.prepare:run",
+    "soda": "diffrep.stages.soda:run",
+}
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diffrep.config import ConfigError, load_config
+    from diffrep.io import ArtifactError
+
+    if args.name not in STAGES:
+        print(f"diffrep stage: unknown stage {args.name!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load_config(args.params)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    module, func = STAGES[args.name].split(":")
+    run = getattr(importlib.import_module(module), func)
+    try:
+        run(cfg, Path(args.root))
+    except (ArtifactError, ValueError, RuntimeError) as e:
+        print(f"error in stage {args.name}: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import json
+
+    from diffrep.config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(args.params)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(to_dict(cfg), indent=2))
+    return EXIT_OK
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from diffrep.audit import main as audit_main
+
+    return audit_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffrep", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    s.add_argument("name", help=f"one of: {', '.join(STAGES)}")
+    s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    s.add_argument("--root", default=".", help="repository root the stage reads and writes under")
+    s.set_defaults(func=_cmd_stage)
+
+    s = sub.add_parser("params", help="validate params.yaml and print the resolved config")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(func=_cmd_params)
+
+    s = sub.add_parser(
+        "lineage",
+        help="audit a metrics file: re-hash its inputs/outputs and walk upstream (exit 0 intact, 1 broken, 2 usage)",
+    )
+    s.add_argument("metrics_file", help="e.g. metrics/prepare.json")
+    s.add_argument("--key", default=None, help="the metric to trace, e.g. fd (shown in the report)")
+    s.add_argument("--json", action="store_true", help="print the chain as JSON")
+    s.add_argument("--root", default=".", help="repository root (where dvc.lock lives)")
+    s.set_defaults(func=_cmd_lineage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

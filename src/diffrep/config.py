@@ -1,0 +1,190 @@
+"""params.yaml -> a typed, validated config.
+
+Every section is a pydantic model that forbids unknown keys, so a misspelled
+key is an error that names the key and the file instead of a silent default.
+Later sections (models, evaluation) live here too, so `params.yaml` has one
+schema and `diffrep params --check` can validate the whole file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable, or does not match the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- data
+class ShapesConfig(Section):
+    """The procedural 3D renderer (data.source: shapes)."""
+
+    n_objects: int = Field(1000, ge=2)
+    views_per_object: int = Field(5, ge=2)
+
+
+class DataConfig(Section):
+    source: Literal["mnist5k", "digits", "shapes", "imagefolder", "torchvision"] = "mnist5k"
+    path: str | None = None  # imagefolder: the folder; torchvision: "Name:root", e.g. "CIFAR10:~/data"
+    image_size: int = Field(16, ge=4, le=512)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_per_class: int = Field(2, ge=1)  # validation: fewer images in a class is an error
+    min_rows: int = Field(20, ge=2)  # validation: fewer images in all is an error
+    shapes: ShapesConfig = ShapesConfig()
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> "DataConfig":
+        if self.source in ("imagefolder", "torchvision") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+# ---------------------------------------------------------------- runtime
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    channels_last: bool = False
+    num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)
+
+
+# ---------------------------------------------------------------- training engine
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)  # global batch; split across DDP ranks
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ckpt_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0)  # TensorBoard sample grid every N steps; 0: only at the end
+    time_budget_s: float = Field(0, ge=0)  # 0: no budget; else stop early (recorded in metrics)
+
+
+# ---------------------------------------------------------------- networks
+class UNetConfig(Section):
+    channels: int = Field(32, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = Field(1, ge=1)
+    attn_resolutions: tuple[int, ...] = (4,)  # feature-map sizes that get a self-attention block
+    groups: int = Field(8, ge=1)  # GroupNorm groups
+    heads: int = Field(2, ge=1)
+
+
+class EncoderConfig(Section):
+    width: int = Field(32, ge=4)
+    depth: int = Field(1, ge=1)  # residual blocks per stage
+    stages: int = Field(3, ge=1)  # each stage after the first halves the resolution
+
+
+class DiffusionConfig(Section):
+    schedule: Literal["cosine", "shifted_cosine", "inverted_cosine", "linear_logsnr"] = "inverted_cosine"
+    parameterization: Literal["eps", "v", "x0"] = "eps"
+    weighting: Literal["plain", "elbo", "sigmoid"] = "plain"
+    sigmoid_bias: float = 0.0
+    logsnr_min: float = -15.0
+    logsnr_max: float = 15.0
+    shift: float = 1.0  # shifted_cosine: logSNR + 2*log(1/shift)
+    sample_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0)
+
+
+# ---------------------------------------------------------------- SODA
+class ViewsConfig(Section):
+    """2D view policies (random-resized crop, flip, intensity jitter)."""
+
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (0.8, 1.25)
+    flip: bool = False  # digits are not mirror-symmetric
+    brightness: float = Field(0.3, ge=0)
+    contrast: float = Field(0.3, ge=0)
+
+
+class SodaConfig(Section):
+    z_dim: int = Field(96, ge=1)
+    views: Literal["augment", "same"] = "augment"  # same: plain auto-encoding (paper's ablation)
+    source_views: ViewsConfig = ViewsConfig()
+    target_views: ViewsConfig = ViewsConfig(crop_scale=(0.8, 1.0), brightness=0.0, contrast=0.0)
+    mask_rate: float = Field(0.2, ge=0, lt=1)  # per-sub-vector masking (disentanglement)
+    z_drop: float = Field(0.1, ge=0, lt=1)  # classifier-free guidance: drop the whole z
+    pose_drop: float = Field(0.1, ge=0, lt=1)  # ... and, independently, the pose
+    guidance: float = Field(0.3, ge=0)  # w in eps = (1+w) eps(c) - w eps(null)
+    encoder: EncoderConfig = EncoderConfig()
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    eval_images: int = Field(500, ge=1)  # test images used for reconstruction PSNR/SSIM
+
+
+# ---------------------------------------------------------------- root
+class Config(Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    soda: SodaConfig = SodaConfig()
+
+    def section(self, dotted: str) -> Any:
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}' (misspelled? see the schema in diffrep/config.py)")
+        else:
+            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict | None, source: str = "params") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
+    """Load and validate params.yaml; `overrides` is a nested dict merged on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return parse_config(raw, str(path))
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(section: BaseModel) -> dict:
+    """A JSON-able dict of a (sub)config: what lineage blocks and fingerprints record."""
+    return section.model_dump(mode="json")
