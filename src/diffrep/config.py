@@ -128,12 +128,67 @@ class SodaConfig(Section):
     eval_images: int = Field(500, ge=1)  # test images used for reconstruction PSNR/SSIM
 
 
+# ---------------------------------------------------------------- Unified Latents
+class UlStage1Config(Section):
+    """Encoder + diffusion prior (plain ELBO) + diffusion decoder, trained jointly (models/ul.py)."""
+
+    latent_channels: int = Field(4, ge=1)  # latent grid: (latent_channels, H / 2**(stages-1), W / 2**(stages-1))
+    logsnr_z0: float = 5.0  # the fixed noise level of the latent, lambda_z(0)
+    logsnr_z1: float = -15.0  # the prior's terminal noise level (small end KL)
+    loss_factor: float = Field(1.5, gt=0)  # c_lf: trades bits for reconstruction fidelity
+    encoder: EncoderConfig = EncoderConfig()
+    prior: UNetConfig = UNetConfig(channels=32, channel_mult=(1, 2), attn_resolutions=())
+    decoder: UNetConfig = UNetConfig()
+    # weighting sigmoid (or elbo) with sigmoid_bias = b in sigmoid(b - lambda); v-prediction (see models/ul.py)
+    decoder_diffusion: DiffusionConfig = DiffusionConfig(schedule="cosine", parameterization="v", weighting="sigmoid",
+                                                         sample_steps=32)
+    train: TrainConfig = TrainConfig(steps=1000, ema_decay=0.995, ckpt_every=250, log_every=25)
+    eval_images: int = Field(500, ge=1)  # test images for reconstruction PSNR/SSIM and bits/px
+
+
+class UlStage2Config(Section):
+    """A larger base model on the frozen stage-1 latents, sigmoid weighting, sampled down to logsnr_z0."""
+
+    base: UNetConfig = UNetConfig(channels=64, channel_mult=(1, 2), attn_resolutions=(2,))
+    diffusion: DiffusionConfig = DiffusionConfig(schedule="cosine", parameterization="v", weighting="sigmoid",
+                                                 sample_steps=32)
+    train: TrainConfig = TrainConfig(steps=2000, ema_decay=0.995, ckpt_every=500, log_every=50)
+    sample_images: int = Field(64, ge=1)  # the sample grid written by the stage
+
+
+class UlConfig(Section):
+    stage1: UlStage1Config = UlStage1Config()
+    stage2: UlStage2Config = UlStage2Config()
+
+
+# ---------------------------------------------------------------- l-DAE
+class ViTConfig(Section):
+    patch_size: int = Field(4, ge=1)
+    dim: int = Field(128, ge=8)
+    depth: int = Field(6, ge=2)  # the first half of the blocks is the encoder
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+
+class LdaeConfig(Section):
+    noise_space: Literal["latent", "pixel"] = "latent"  # the paper's ablation
+    pca_dim: int = Field(8, ge=1)  # d: noise goes into the top-d PCA components
+    pca_fit_patches: int = Field(20000, ge=100)
+    rest_weight: float = Field(0.1, ge=0)  # loss weight on components beyond d
+    sigma_max: float = Field(1.4142135623730951, gt=0)  # sigma_t linear from 0 to sqrt(2)
+    feature_logsnr: float = 10.0  # the small fixed noise level used for probe features
+    vit: ViTConfig = ViTConfig()
+    train: TrainConfig = TrainConfig()
+
+
 # ---------------------------------------------------------------- root
 class Config(Section):
     seed: int = 0
     data: DataConfig = DataConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     soda: SodaConfig = SodaConfig()
+    ul: UlConfig = UlConfig()
+    ldae: LdaeConfig = LdaeConfig()
 
     def section(self, dotted: str) -> Any:
         obj: Any = self

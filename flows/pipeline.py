@@ -1,0 +1,288 @@
+"""The DVC pipeline as a Prefect flow: DVC decides what runs, Prefect runs it and watches it.
+
+Each stage of `dvc.yaml` becomes one task, in DAG order, that calls
+`dvc repro --single-item STAGE`; DVC's cache decides whether the stage really
+runs ("ran") or is up to date ("cached"). The flow adds what DVC lacks:
+retries, per-stage timeouts, every output line in the Prefect logs, a table
+artifact of each stage's metrics, a summary artifact, and the flow-run id in
+every lineage block (via DIFFREP_FLOW_RUN_ID).
+
+Optional params.yaml section (read raw here; not part of the stage params):
+    pipeline:
+      retries: 0            # extra attempts per stage after a failure
+      retry_delay_s: 0      # seconds between attempts
+      timeout_s:            # per-stage wall-clock limit; the stage's process group is killed
+        ul_stage1: 3600
+
+    python -m flows.pipeline [--stages prepare soda] [--force] [--root .]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from diffrep.audit import dvc_executable
+
+# DVC's words for "nothing computed": up to date, or outputs restored from its run cache
+_SKIPPED = re.compile(r"Stage '(?P<stage>[^']+)' (didn't change, skipping|is cached - skipping run)")
+_TAIL = 20  # stderr lines quoted in a failure: where a failed data validation prints its expectations
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro` of one stage failed or timed out; the message quotes the end of its stderr."""
+
+
+# ---------------------------------------------------------------- the DAG
+def _paths(entries: list[Any] | None) -> list[str]:
+    """dvc.yaml deps/outs/metrics/plots entries are "path" or {"path": {options}}."""
+    return [Path(e if isinstance(e, str) else next(iter(e))).as_posix().rstrip("/") for e in entries or []]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def stage_order(dvc_stages: dict[str, Any], only: list[str] | None = None) -> list[str]:
+    """Stages in DAG order (dvc.yaml order among independent ones); `only` keeps a subset, still in DAG order.
+
+    A stage depends on another when one of its deps is, lies under, or contains one of the other's outs.
+    """
+    for name, d in dvc_stages.items():
+        if "foreach" in d or "matrix" in d:
+            raise ValueError(f"dvc.yaml stage {name!r} uses foreach/matrix, which the flow does not expand; "
+                             "write its stages out explicitly")
+    outs = {s: _paths(d.get("outs")) + _paths(d.get("metrics")) + _paths(d.get("plots")) for s, d in dvc_stages.items()}
+    needs = {
+        s: {u for u in dvc_stages if u != s and any(_overlaps(dep, o) for dep in _paths(d.get("deps")) for o in outs[u])}
+        for s, d in dvc_stages.items()
+    }
+    order: list[str] = []
+    while len(order) < len(dvc_stages):
+        ready = [s for s in dvc_stages if s not in order and needs[s] <= set(order)]
+        if not ready:
+            raise ValueError(f"dvc.yaml has a cycle among stages: {sorted(set(dvc_stages) - set(order))}")
+        order.append(ready[0])
+    if only is None:
+        return order
+    unknown = [s for s in only if s not in dvc_stages]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has: {', '.join(order)}")
+    return [s for s in order if s in only]
+
+
+def metrics_files(stage_def: dict[str, Any]) -> list[str]:
+    return [p for p in _paths(stage_def.get("metrics")) if p.endswith(".json")]
+
+
+# ---------------------------------------------------------------- options from params.yaml
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    retries: int = 0
+    retry_delay_s: float = 0
+    timeout_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def pipeline_options(params_file: Path, stages: list[str]) -> PipelineOptions:
+    """The optional `pipeline:` section of params.yaml, checked so a typo fails before anything runs."""
+    raw = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
+    sec = raw.get("pipeline") or {}
+    where = f"{params_file.name}: pipeline"
+    if not isinstance(sec, dict):
+        raise ValueError(f"{where} must be a mapping with keys retries, retry_delay_s, timeout_s")
+    unknown = set(sec) - {"retries", "retry_delay_s", "timeout_s"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: retries, retry_delay_s, timeout_s")
+    retries, delay, timeouts = sec.get("retries", 0), sec.get("retry_delay_s", 0), sec.get("timeout_s") or {}
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ValueError(f"{where}.retries must be an integer >= 0, got {retries!r}")
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+        raise ValueError(f"{where}.retry_delay_s must be a number >= 0, got {delay!r}")
+    if not isinstance(timeouts, dict):
+        raise ValueError(f"{where}.timeout_s must map stage names to seconds, got {timeouts!r}")
+    for name, s in timeouts.items():
+        if name not in stages:
+            raise ValueError(f"{where}.timeout_s names unknown stage {name!r}; dvc.yaml has: {', '.join(stages)}")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or s <= 0:
+            raise ValueError(f"{where}.timeout_s.{name} must be a number of seconds > 0, got {s!r}")
+    return PipelineOptions(retries, float(delay), {k: float(v) for k, v in timeouts.items()})
+
+
+# ---------------------------------------------------------------- one stage
+def _pump(stream: IO[bytes], log: Any, lines: deque[str], prefix: str) -> None:
+    """Forward each line to the logger; of a \\r-rewritten line (a progress bar) keep what a terminal shows last."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+        if line:
+            lines.append(line)
+            log.info("%s%s", prefix, line)
+    stream.close()
+
+
+def _flat_scalars(d: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            rows += _flat_scalars(v, f"{name}.")
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            rows.append({"metric": name, "value": v})
+    return rows
+
+
+def artifact_key(stage: str, metrics_file: Path) -> str:
+    """Prefect keys allow lowercase letters, digits and dashes: ul_stage1 -> ul-stage1-metrics."""
+    name = stage if metrics_file.stem == stage else f"{stage}-{metrics_file.stem}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + "-metrics"
+
+
+def publish_metrics(stage: str, metrics_file: Path, status: str) -> None:
+    """A table artifact of the stage's scalar metrics; the lineage block only lends its commit to the description."""
+    metrics = json.loads(metrics_file.read_text())
+    lineage = metrics.pop("lineage", None) or {}
+    git = lineage.get("git") or {}
+    commit = (git.get("commit") or "no commit")[:12] + (" (dirty)" if git.get("dirty") else "")
+    create_table_artifact(
+        table=_flat_scalars(metrics),
+        key=artifact_key(stage, metrics_file),
+        description=f"`{metrics_file.name}` of stage **{stage}** ({status}); git {commit}",
+    )
+
+
+def repro_status(name: str, stdout_lines: Iterable[str]) -> str:
+    """"cached" when DVC skipped the stage or restored it from its run cache, else "ran"."""
+    lines = list(stdout_lines)
+    ran = any(line.startswith(f"Running stage '{name}'") for line in lines)
+    skipped = any((m := _SKIPPED.search(line)) and m["stage"] == name for line in lines)
+    return "cached" if skipped and not ran else "ran"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@task(task_run_name="{name}")
+def run_stage(
+    name: str,
+    root: str = ".",
+    force: bool = False,
+    timeout_s: float | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """`dvc repro --single-item NAME` with its output streamed to the Prefect log: {stage, status, seconds}."""
+    log = get_run_logger()
+    root_p = Path(root).resolve()
+    cmd = [dvc_executable(), "repro", "--single-item", name] + (["--force"] if force else [])
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    if flow_run_id:
+        env["DIFFREP_FLOW_RUN_ID"] = flow_run_id  # recorded by diffrep.lineage.lineage_block
+    log.info("$ dvc %s", " ".join(cmd[1:]))
+    t0 = time.monotonic()
+    # Own process group: a timeout must kill the stage's command, not only dvc.
+    proc = subprocess.Popen(cmd, cwd=root_p, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    out: deque[str] = deque(maxlen=200)
+    err: deque[str] = deque(maxlen=_TAIL)
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, log, out, ""), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, log, err, "[stderr] "), daemon=True)]
+    for t in pumps:
+        t.start()
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        rc = None
+    finally:
+        _kill(proc)  # interrupted (Ctrl-C, cancellation): leave no orphan stage behind
+    for t in pumps:
+        t.join(timeout=10)
+    seconds = round(time.monotonic() - t0, 2)
+    tail = "\n".join(err)
+    if rc is None:
+        raise StageFailed(f"stage {name!r} timed out after {timeout_s:g} s (params.yaml pipeline.timeout_s.{name}); "
+                          f"last stderr lines:\n{tail}")
+    if rc != 0:
+        raise StageFailed(f"stage {name!r} failed (dvc repro exit {rc}); last stderr lines:\n{tail}")
+    status = repro_status(name, out)
+    log.info("stage %s %s in %.2f s", name, status, seconds)
+    return {"stage": name, "status": status, "seconds": seconds}
+
+
+# ---------------------------------------------------------------- the flow
+def _summary(rows: list[dict[str, Any]], run_id: str | None) -> str:
+    lines = [f"# diffrep pipeline (flow run `{run_id}`)", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="diffrep-pipeline")
+def pipeline_flow(stages: list[str] | None = None, force: bool = False, root: str = ".") -> list[dict[str, Any]]:
+    """Run the dvc.yaml stages (all, or `stages`) in DAG order, one task each; stop at the first failure."""
+    log = get_run_logger()
+    root_p = Path(root).resolve()
+    dvc_file = root_p / "dvc.yaml"
+    if not dvc_file.is_file():
+        raise FileNotFoundError(f"{dvc_file}: not found; pass root= the DVC project folder")
+    dvc_stages = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages") or {}
+    order = stage_order(dvc_stages, stages)
+    opts = pipeline_options(root_p / "params.yaml", list(dvc_stages))
+    run_id = flow_run.id
+    log.info("stages in DAG order: %s", ", ".join(order))
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in order:
+            t0 = time.monotonic()
+            stage_task = run_stage.with_options(retries=opts.retries, retry_delay_seconds=opts.retry_delay_s)
+            try:
+                row = stage_task(name, root=str(root_p), force=force, timeout_s=opts.timeout_s.get(name),
+                                 flow_run_id=run_id)
+            except Exception:
+                rows.append({"stage": name, "status": "failed", "seconds": time.monotonic() - t0})
+                raise
+            rows.append(row)
+            for mf in metrics_files(dvc_stages[name]):
+                if (root_p / mf).is_file():
+                    publish_metrics(name, root_p / mf, row["status"])
+    finally:
+        create_markdown_artifact(_summary(rows, run_id), key="pipeline-summary",
+                                 description="stages of this run: ran, cached (DVC up to date) or failed")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--stages", nargs="+", default=None, help="run only these stages (in DAG order)")
+    p.add_argument("--force", action="store_true", help="re-run stages even when DVC says they are up to date")
+    p.add_argument("--root", default=".", help="the DVC project folder (default: .)")
+    args = p.parse_args(argv)
+    try:
+        rows = pipeline_flow(stages=args.stages, force=args.force, root=args.root)
+    except (StageFailed, ValueError, FileNotFoundError) as e:
+        print(f"pipeline failed: {e}", file=sys.stderr)
+        return 1
+    for r in rows:
+        print(f"{r['stage']:<16} {r['status']:<7} {r['seconds']:8.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

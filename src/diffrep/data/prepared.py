@@ -1,0 +1,186 @@
+"""The prepared-data format (`data/prepared/`, written by the `prepare` stage) and its loader.
+
+    train_images.npy  uint8 (N, C, H, W), round(x * 255) of the validated [0, 1] floats
+    train_labels.npy  int64 (N,)
+    test_images.npy, test_labels.npy
+    {split}_factors.npy float32 (N, F), {split}_poses.npy float32 (N, P),
+    {split}_object_ids.npy int64 (N,)          only for sources that have them
+    manifest.json     source, image_shape, class_names, num_classes, counts,
+                      class_counts, factor_names, pose_layout, seed,
+                      test_fraction, files {name: sha256}
+
+uint8 keeps the folder small (DVC caches it) and exact: images_float()
+maps k/255 to 2k/255 - 1 in [-1, 1], the range every model trains in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrep.data.split import Split
+from diffrep.data.types import RawDataset
+from diffrep.io import ArtifactError, file_hash, load_npy, read_json, save_npy, write_json
+
+SPLITS = ("train", "test")
+OPTIONAL = {"factors": np.float32, "poses": np.float32, "object_ids": np.int64}
+_RERUN = "re-run `dvc repro prepare` (or `diffrep stage prepare`) to rebuild it"
+
+
+def quantise(images: np.ndarray) -> np.ndarray:
+    """float [0, 1] (N, C, H, W) -> uint8; the clip only absorbs float rounding (validation ran first)."""
+    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def write_prepared(out: Path, raw: RawDataset, split: Split, *, seed: int, test_fraction: float,
+                   extra: dict | None = None) -> dict:
+    """Write every array and the manifest into the (temporary) folder `out`; return the manifest."""
+    out = Path(out)
+    k = len(raw.class_names)
+    arrays: dict[str, np.ndarray] = {}
+    for name, idx in zip(SPLITS, (split.train, split.test)):
+        arrays[f"{name}_images"] = quantise(raw.images[idx])
+        arrays[f"{name}_labels"] = raw.labels[idx].astype(np.int64)
+        for field, dtype in OPTIONAL.items():
+            value = getattr(raw, field)
+            if value is not None:
+                arrays[f"{name}_{field}"] = np.asarray(value)[idx].astype(dtype)
+    files = {}
+    for name, arr in arrays.items():
+        save_npy(out / f"{name}.npy", arr)
+        files[f"{name}.npy"] = file_hash(out / f"{name}.npy")
+    manifest = {
+        "source": raw.source,
+        "image_shape": list(raw.images.shape[1:]),
+        "class_names": list(raw.class_names),
+        "num_classes": k,
+        "counts": {s: int(len(arrays[f"{s}_labels"])) for s in SPLITS},
+        "class_counts": {s: np.bincount(arrays[f"{s}_labels"], minlength=k).tolist() for s in SPLITS},
+        "factor_names": raw.factor_names,
+        "pose_layout": raw.pose_layout,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        **(extra or {}),
+        "files": files,
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class Prepared:
+    path: Path
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]  # "train_images", "test_labels", "train_poses", ...
+
+    # -- metadata
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    # -- arrays
+    def images(self, split: str) -> np.ndarray:
+        return self.arrays[f"{_check_split(split)}_images"]  # uint8 (N, C, H, W)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.arrays[f"{_check_split(split)}_labels"]
+
+    def images_float(self, split: str, device=None):
+        """torch float32 (N, C, H, W) in [-1, 1]."""
+        import torch
+
+        x = torch.from_numpy(self.images(split)).to(device)
+        return x.float().mul_(2.0 / 255.0).sub_(1.0)
+
+    def array(self, split: str, name: str) -> np.ndarray | None:
+        """Any stored array by name ("images", "labels", "factors", "poses", "object_ids"); None if absent."""
+        return self.arrays.get(f"{_check_split(split)}_{name}")
+
+    def factors(self, split: str) -> np.ndarray | None:
+        return self.array(split, "factors")
+
+    def poses(self, split: str) -> np.ndarray | None:
+        return self.array(split, "poses")
+
+    def object_ids(self, split: str) -> np.ndarray | None:
+        return self.array(split, "object_ids")
+
+    @property
+    def train_images(self) -> np.ndarray:
+        return self.images("train")
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.labels("train")
+
+    @property
+    def test_images(self) -> np.ndarray:
+        return self.images("test")
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.labels("test")
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def load_prepared(path: str | Path = "data/prepared", verify: bool = True) -> Prepared:
+    """Load `data/prepared`; `verify` re-hashes every file against the manifest."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise ArtifactError(f"{path}/manifest.json: not found; prepared data is missing: {_RERUN}")
+    manifest = read_json(path / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}/manifest.json: not a JSON object; {_RERUN}")
+    files = manifest.get("files") or {}
+    for required in (f"{s}_{a}.npy" for s in SPLITS for a in ("images", "labels")):
+        if required not in files:
+            raise ArtifactError(f"{path}/manifest.json does not list {required}; {_RERUN}")
+
+    arrays = {}
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing (listed in the manifest); {_RERUN}")
+        if verify and file_hash(f) != digest:
+            raise ArtifactError(
+                f"{f}: content changed since `prepare` wrote it (sha256 differs from manifest.json); {_RERUN}"
+            )
+        arrays[name[: -len(".npy")]] = load_npy(f)
+
+    try:
+        _check_shapes(path, manifest, arrays)
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}/manifest.json: malformed (missing or bad key {e}); {_RERUN}") from e
+    return Prepared(path=path, manifest=manifest, arrays=arrays)
+
+
+def _check_shapes(path: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> None:
+    shape = tuple(manifest["image_shape"])
+    for s in SPLITS:
+        n = manifest["counts"][s]
+        x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+        if x.dtype != np.uint8 or x.shape != (n, *shape):
+            raise ArtifactError(
+                f"{path}/{s}_images.npy: expected uint8 {(n, *shape)}, found {x.dtype} {x.shape}; {_RERUN}"
+            )
+        if y.dtype != np.int64 or y.shape != (n,):
+            raise ArtifactError(f"{path}/{s}_labels.npy: expected int64 ({n},), found {y.dtype} {y.shape}; {_RERUN}")
+        for field in OPTIONAL:
+            a = arrays.get(f"{s}_{field}")
+            if a is not None and len(a) != n:
+                raise ArtifactError(f"{path}/{s}_{field}.npy: {len(a)} rows, expected {n}; {_RERUN}")

@@ -1,0 +1,298 @@
+"""Data validation with Great Expectations (1.x API), the validator of record for `prepare`.
+
+Two pandas tables are built from the loaded, split dataset (before
+quantisation): one row per image, unreadable files included, with its
+statistics; and one row per declared class with its image counts. Named
+checks, each one or more GX expectations, run on them; a failed check names
+the images (or classes) that broke it, so the message says what to fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from diffrep.config import DataConfig
+from diffrep.data.split import Split
+from diffrep.data.types import RawDataset
+
+MAX_EXAMPLES = 10  # failing ids kept per check
+SOURCE_CHANNELS = {"mnist5k": 1, "digits": 1, "shapes": 3}
+_STAT_CHUNK = 4096  # rows per numpy pass: bounds the temporaries for large datasets
+
+
+@dataclass
+class CheckResult:
+    name: str
+    unit: str  # what `failing` names: "images" or "classes"
+    success: bool
+    n_failed: int
+    failing: list[str]  # up to MAX_EXAMPLES ids
+    hint: str  # what to do when it fails
+    expectations: list[dict[str, Any]] = field(default_factory=list)  # GX type, kwargs, success, observed
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    results: list[CheckResult]
+    counts: dict[str, int]
+    reasons: dict[str, str]  # id -> why (unreadable file, duplicate partner, empty class folder)
+    seconds: float
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "success": self.success,
+            "n_expectations": sum(len(r.expectations) for r in self.results),
+            "counts": self.counts,
+            "checks": [asdict(r) for r in self.results],
+        }  # no timings: the report is a DVC output and should be reproducible byte for byte
+
+
+# ---------------------------------------------------------------- tables (pure numpy/pandas)
+def image_table(raw: RawDataset, split: Split) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per image (readable or not) with its statistics; and id -> reason notes."""
+    n = len(raw.labels)
+    x = raw.images.reshape(n, int(np.prod(raw.images.shape[1:])))  # (N, C*H*W)
+    mins, maxs = np.full(n, np.nan), np.full(n, np.nan)
+    nonfinite = np.zeros(n, dtype=np.int64)
+    for s in range(0, n, _STAT_CHUNK):
+        c = x[s : s + _STAT_CHUNK]
+        finite = np.isfinite(c)
+        nonfinite[s : s + _STAT_CHUNK] = (~finite).sum(1)
+        lo, hi = np.where(finite, c, np.inf).min(1), np.where(finite, c, -np.inf).max(1)
+        ok = finite.any(1)  # an all-NaN image has no min/max: NaN, reported by the non-finite check
+        mins[s : s + _STAT_CHUNK] = np.where(ok, lo, np.nan)
+        maxs[s : s + _STAT_CHUNK] = np.where(ok, hi, np.nan)
+    hashes = [hashlib.sha256(np.ascontiguousarray(raw.images[i]).tobytes()).hexdigest() for i in range(n)]
+
+    side = np.full(n, "none", dtype=object)
+    side[split.train], side[split.test] = "train", "test"
+    first: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # hash -> first row on that side
+    for i, h in enumerate(hashes):
+        if side[i] in first:
+            first[side[i]].setdefault(h, i)
+    dup = np.array([h in first["train"] and h in first["test"] for h in hashes], dtype=bool)
+    reasons = {}
+    for i in np.flatnonzero(dup):
+        other = "test" if side[i] == "train" else "train"
+        j = first[other][hashes[i]]
+        reasons[raw.ids[i]] = f"same pixels as {raw.ids[j]} in {other}"
+
+    c, h, w = raw.images.shape[1:] if raw.images.ndim == 4 else (np.nan, np.nan, np.nan)
+    readable = pd.DataFrame({
+        "id": raw.ids,
+        "split": side,
+        "readable": True,
+        "reason": "",
+        "channels": float(c),
+        "height": float(h),
+        "width": float(w),
+        "min": mins,
+        "max": maxs,
+        "n_nonfinite": nonfinite.astype(float),
+        "label": raw.labels.astype(float),
+        "sha256": hashes,
+        "duplicate_across_splits": dup,
+    })
+    unreadable = pd.DataFrame({
+        "id": [p for p, _ in raw.unreadable],
+        "split": "none",
+        "readable": False,
+        "reason": [r for _, r in raw.unreadable],
+        "duplicate_across_splits": False,
+    })
+    reasons.update(dict(raw.unreadable))
+    table = pd.concat([readable, unreadable], ignore_index=True) if len(unreadable) else readable
+    table["readable"] = table["readable"].astype(bool)
+    table["duplicate_across_splits"] = table["duplicate_across_splits"].astype(bool)
+    return table, reasons
+
+
+def class_table(raw: RawDataset, split: Split) -> pd.DataFrame:
+    """One row per declared class: images in train, test and in all (out-of-set labels excluded)."""
+    k = len(raw.class_names)
+
+    def count(idx: np.ndarray) -> np.ndarray:
+        y = raw.labels[idx]
+        return np.bincount(y[(y >= 0) & (y < k)], minlength=k)
+
+    n_train, n_test = count(split.train), count(split.test)
+    return pd.DataFrame({
+        "class_name": list(raw.class_names),
+        "n_train": n_train.astype(np.int64),
+        "n_test": n_test.astype(np.int64),
+        "n_images": (n_train + n_test).astype(np.int64),
+    })
+
+
+# ---------------------------------------------------------------- GX
+def _gx_checks(cfg: DataConfig, shape: tuple[int, int, int], num_classes: int):
+    """(name, unit, table, hint, [expectations]) for every check."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    c, h, w = shape
+    return [
+        ("image readable", "images", "images", "fix or delete these files (PNG or JPEG images only)",
+         [E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True])]),
+        (f"image shape is {c}x{h}x{w}", "images", "images", "the source returned images of another shape: a loader bug",
+         [E.ExpectColumnValuesToBeInSet(column="channels", value_set=[c]),
+          E.ExpectColumnValuesToBeInSet(column="height", value_set=[h]),
+          E.ExpectColumnValuesToBeInSet(column="width", value_set=[w])]),
+        ("pixel values within [0, 1]", "images", "images", "the source must scale pixels to [0, 1]",
+         [E.ExpectColumnValuesToBeBetween(column="min", min_value=0.0),
+          E.ExpectColumnValuesToBeBetween(column="max", max_value=1.0)]),
+        ("no NaN or Inf pixels", "images", "images", "remove or repair these images",
+         [E.ExpectColumnValuesToBeBetween(column="n_nonfinite", min_value=0, max_value=0)]),
+        (f"label in the {num_classes} declared classes", "images", "images",
+         "labels must index the declared class list",
+         [E.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(num_classes)))]),
+        ("no image in both train and test", "images", "images",
+         "remove the duplicate files (exact same pixels) so that test images are unseen",
+         [E.ExpectColumnValuesToBeInSet(column="duplicate_across_splits", value_set=[False])]),
+        (f"at least {cfg.min_per_class} images per class", "classes", "classes",
+         "add images to these classes, delete their folders, or lower data.min_per_class",
+         [E.ExpectColumnValuesToBeBetween(column="n_images", min_value=cfg.min_per_class)]),
+        (f"at least {cfg.min_rows} images in all", "dataset", "classes", "add images or lower data.min_rows",
+         [E.ExpectColumnSumToBeBetween(column="n_images", min_value=cfg.min_rows)]),
+    ]
+
+
+def _run_gx(tables: dict[str, pd.DataFrame], cfg: DataConfig, shape, num_classes: int) -> list[CheckResult]:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("prepare")
+    checks = _gx_checks(cfg, shape, num_classes)
+    key_column = {"images": "id", "classes": "class_name"}
+
+    outcomes: dict[int, list] = {}  # check index -> GX results
+    for table_name, df in tables.items():
+        suite = gx.ExpectationSuite(name=f"prepare_{table_name}")
+        for i, (_, _, table, _, exps) in enumerate(checks):
+            if table == table_name:
+                for e in exps:
+                    e.meta = {"check": i}
+                    suite.add_expectation(e)
+        batch = (
+            source.add_dataframe_asset(table_name)
+            .add_batch_definition_whole_dataframe("all")
+            .get_batch(batch_parameters={"dataframe": df})
+        )
+        # COMPLETE: every failing row's key, so a check made of several expectations can count distinct failures
+        fmt = {"result_format": "COMPLETE", "unexpected_index_column_names": [key_column[table_name]]}
+        res = batch.validate(suite, result_format=fmt)
+        for r in res.results:
+            outcomes.setdefault(int(r.expectation_config.meta["check"]), []).append((r, key_column[table_name]))
+
+    results = []
+    for i, (name, unit, _, hint, _) in enumerate(checks):
+        failing: dict[str, None] = {}  # ordered union over the check's expectations
+        exps = []
+        for r, key in outcomes.get(i, []):
+            res = r.result or {}
+            for row in res.get("unexpected_index_list") or []:
+                failing[str(row[key])] = None
+            exc = r.exception_info
+            exps.append({
+                "type": r.expectation_config.type,
+                "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
+                "success": bool(r.success),
+                "observed": _observed(res, exc),
+            })
+        ok = all(e["success"] for e in exps) and bool(exps)
+        results.append(CheckResult(name, unit, ok, len(failing), list(failing)[:MAX_EXAMPLES], hint, exps))
+    return results
+
+
+def _exception_message(exc: Any) -> str | None:
+    """GX reports errors as one ExceptionInfo or as {metric id: {..., ExceptionInfo}}: find the first."""
+    if not isinstance(exc, dict):
+        return None
+    if exc.get("raised_exception"):
+        return str(exc.get("exception_message"))
+    for v in exc.values():
+        msg = _exception_message(v)
+        if msg:
+            return msg
+    return None
+
+
+def _observed(res: dict, exc: Any) -> dict[str, Any]:
+    error = _exception_message(exc)
+    if error:
+        return {"error": error}
+    if "observed_value" in res:
+        return {"observed_value": _plain(res["observed_value"])}
+    keep = ("element_count", "unexpected_count", "missing_count")
+    out = {k: _plain(res[k]) for k in keep if k in res}
+    out["partial_unexpected_list"] = [_plain(v) for v in (res.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]]
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, np.floating):
+        return None if np.isnan(v) else float(v)
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    return v
+
+
+# ---------------------------------------------------------------- entry points
+def declared_shape(raw: RawDataset, image_size: int) -> tuple[int, int, int]:
+    """The (C, H, W) every image must have: fixed per embedded source, 1 or 3 for user data."""
+    c = raw.images.shape[1] if raw.images.ndim == 4 else 1
+    return SOURCE_CHANNELS.get(raw.source, c if c in (1, 3) else 3), image_size, image_size
+
+
+def validate_dataset(raw: RawDataset, split: Split, cfg: DataConfig) -> ValidationReport:
+    t0 = time.perf_counter()
+    images, reasons = image_table(raw, split)
+    classes = class_table(raw, split)
+    for name in raw.empty_classes:
+        reasons[name] = "class folder has no images"
+    shape = declared_shape(raw, cfg.image_size)
+    results = _run_gx({"images": images, "classes": classes}, cfg, shape, len(raw.class_names))
+    counts = {
+        "images": int(len(raw.labels)),
+        "unreadable": len(raw.unreadable),
+        "train": int(len(split.train)),
+        "test": int(len(split.test)),
+        "classes": len(raw.class_names),
+    }
+    return ValidationReport(all(r.success for r in results), results, counts, reasons, time.perf_counter() - t0)
+
+
+def format_failures(report: ValidationReport) -> str:
+    """One paragraph per failed check: which images (or classes) broke it, and what to do."""
+    failed = report.failed
+    lines = [f"data validation failed: {len(failed)} of {len(report.results)} checks"]
+    for r in failed:
+        if r.unit == "dataset":
+            obs = next((e["observed"].get("observed_value") for e in r.expectations if "observed" in e), None)
+            lines.append(f"expectation '{r.name}' failed: found {obs}; {r.hint}")
+            continue
+        noun = r.unit if r.n_failed != 1 else {"images": "image", "classes": "class"}[r.unit]
+        shown = [f"{i} ({report.reasons[i]})" if i in report.reasons else i for i in r.failing]
+        more = f", and {r.n_failed - len(r.failing)} more" if r.n_failed > len(r.failing) else ""
+        errors = [e["observed"]["error"] for e in r.expectations if "error" in e["observed"]]
+        if errors:
+            lines.append(f"expectation '{r.name}' could not be evaluated: {errors[0]}")
+            continue
+        lines.append(f"expectation '{r.name}' failed on {r.n_failed} {noun}: {', '.join(shown)}{more}; {r.hint}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""The diffusion core shared by SODA, Unified Latents and l-DAE.
+
+Everything is written in log-SNR: a schedule maps t in [0,1] to logsnr
+(t=0 clean, t=1 noisy); alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr).
+Models only ever see (z_t, logsnr).
+"""
+from .gaussian import (
+    PARAMETERIZATIONS,
+    add_noise,
+    alpha_sigma,
+    broadcast_to,
+    eps_error_scale,
+    from_x0_eps,
+    to_x0_eps,
+)
+from .guidance import cfg_combine, guided, guided_batched, tile_batch
+from .losses import NATS_PER_BIT, WEIGHTINGS, loss_weight, prior_kl_terminal, sample_t, training_losses
+from .sampler import ddim_sample
+from .schedules import SCHEDULES, Schedule, make_schedule, t_for_logsnr
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "SCHEDULES",
+    "WEIGHTINGS",
+    "NATS_PER_BIT",
+    "Schedule",
+    "make_schedule",
+    "t_for_logsnr",
+    "alpha_sigma",
+    "add_noise",
+    "broadcast_to",
+    "to_x0_eps",
+    "from_x0_eps",
+    "eps_error_scale",
+    "sample_t",
+    "loss_weight",
+    "training_losses",
+    "prior_kl_terminal",
+    "ddim_sample",
+    "cfg_combine",
+    "guided",
+    "guided_batched",
+    "tile_batch",
+]

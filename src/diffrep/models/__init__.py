@@ -1,0 +1,1 @@
+"""Model files on the shared diffusion core (one file per method)."""

@@ -1,0 +1,87 @@
+"""`ldae` stage: fit the patch-PCA tokenizer, train l-DAE on the prepared data, probe its encoder.
+
+Writes models/ldae/ (weights with the fitted tokenizer as buffers, resolved config,
+grid.png: noisy input | prediction | clean, one test image per row, noise rising
+down the rows) and metrics/ldae.json: final loss, img/s, wall time, and on the
+test split kNN and linear-probe accuracy of the pooled encoder tokens, beside the
+raw-pixel kNN at the same resolution and the kNN of a random-init (untrained)
+network on the same tokenizer, all computed in this run; plus lineage.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from diffrep.config import Config, to_dict
+from diffrep.data.prepared import load_prepared
+from diffrep.eval.features import batched
+from diffrep.eval.grid import interleave, save_grid
+from diffrep.eval.probe import knn_accuracy, linear_probe
+from diffrep.io import atomic_dir
+from diffrep.models.artifact import save_model
+from diffrep.models.ldae import Ldae
+from diffrep.nn import set_attention_backend
+from diffrep.stages import runner
+
+PREPARED = Path("data/prepared")
+OUT = Path("models/ldae")
+GRID_ROWS = 12
+
+
+@torch.no_grad()
+def grid_images(model: Ldae, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """noisy | prediction | clean for each image of x, sigma rising linearly to sigma_max down the rows."""
+    sigma = model.cfg.sigma_max * torch.linspace(1, len(x), len(x), device=x.device) / len(x)  # (n,)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    return interleave(*model.denoise(x, sigma, eps), x)
+
+
+def run(cfg: Config, root: Path) -> dict | None:
+    ctx = runner.begin("ldae", cfg, root)
+    try:
+        prep = load_prepared(ctx.path(PREPARED))
+        train_x = prep.images_float("train")  # (N, C, H, W) in [-1, 1]
+        model = Ldae(cfg.ldae, prep.image_shape)
+        model.fit_tokenizer(train_x, seed=cfg.seed)  # deterministic: every DDP rank fits the same PCA
+        set_attention_backend(model, ctx.runtime.attention)
+        random_init = copy.deepcopy(model).eval()  # the honest baseline: same tokenizer and init, no training
+        params = runner.section_params(cfg, "ldae")
+        inputs = [ctx.path(PREPARED)]
+        test_x = prep.images_float("test")
+
+        def sample_fn(ema: Ldae) -> torch.Tensor:  # TensorBoard: 8 noisy inputs, then their predictions
+            g = grid_images(ema, test_x[:8].to(ctx.runtime.device), cfg.seed)
+            return torch.cat([g[0::3], g[1::3]])
+
+        result, ckpt_dir = runner.train(ctx, model, cfg.ldae.train, {"images": train_x}, params=params,
+                                        inputs=inputs, sample_fn=sample_fn)
+        if not ctx.is_main:
+            return None
+        ema, dev = result.ema, ctx.runtime.device
+        train_y, test_y = torch.from_numpy(prep.labels("train")), torch.from_numpy(prep.labels("test"))
+        k = prep.num_classes
+        f_train, f_test = batched(ema.features, train_x, device=dev), batched(ema.features, test_x, device=dev)
+        r_train = batched(random_init.to(dev).features, train_x, device=dev)
+        r_test = batched(random_init.features, test_x, device=dev)
+        metrics = {
+            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
+            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
+            "knn_features": knn_accuracy(f_train, train_y, f_test, test_y, k),
+            "linear_probe_features": linear_probe(f_train, train_y, f_test, test_y, k, seed=cfg.seed),
+            "knn_raw_pixels": knn_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k),
+            "knn_random_init": knn_accuracy(r_train, train_y, r_test, test_y, k),
+            "feature_dim": int(f_train.shape[1]),
+        }
+        grid = grid_images(ema, test_x[:GRID_ROWS].to(dev), cfg.seed)
+        with atomic_dir(ctx.path(OUT)) as tmp:
+            save_model(tmp, ema, kind="ldae", section=to_dict(cfg.ldae), image_shape=prep.image_shape,
+                       full_config=to_dict(cfg))
+            save_grid(tmp / "grid.png", grid, ncol=3)
+        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
+                            outputs=[ctx.path(OUT), ctx.path("metrics/ldae_loss.tsv")])
+        runner.discard_checkpoints(ckpt_dir)
+        return out
+    finally:
+        runner.end(ctx)

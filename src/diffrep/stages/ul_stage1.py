@@ -1,0 +1,95 @@
+"""`ul_stage1` stage: train the Unified Latents encoder, latent prior and decoder jointly (models/ul.py).
+
+Writes models/ul_stage1/ (EMA weights, resolved config, recon.png: rows of
+(test image, reconstruction) pairs) and metrics/ul_stage1.json: the latent's
+bitrate on the test split (bits/px from the prior's ELBO, 8 stratified times
+per image), reconstruction PSNR/SSIM (encode -> z0 -> decoder DDIM from pure
+noise), the held-out loss terms, img/s, wall time and the lineage block.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffrep.config import Config, to_dict
+from diffrep.data.prepared import load_prepared
+from diffrep.eval.features import batched
+from diffrep.eval.grid import interleave, save_grid
+from diffrep.eval.recon import psnr, ssim
+from diffrep.io import atomic_dir
+from diffrep.models.artifact import save_model
+from diffrep.models.ul import UnifiedLatents
+from diffrep.stages import runner
+from diffrep.train.rng import BatchRNG
+
+PREPARED = Path("data/prepared")
+OUT = Path("models/ul_stage1")
+
+
+@torch.no_grad()
+def held_out_terms(model: UnifiedLatents, x: torch.Tensor, seed: int, device, batch_size: int = 250) -> dict:
+    """The training loss terms averaged over test images (one noise/time draw each, fixed seed)."""
+    sums: dict[str, float] = {}
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        loss, terms = model({"images": xb}, BatchRNG(seed, i, len(xb), device=device))
+        for k, v in {"loss": loss, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(xb)
+    return {f"test_{k}": v / len(x) for k, v in sums.items()}
+
+
+def evaluate(model: UnifiedLatents, x: torch.Tensor, seed: int, device) -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    bpp = batched(lambda b: model.bits_per_pixel(b, generator=g), x, device=device)  # (N,)
+    rec = batched(lambda b: model.reconstruct(b, generator=g), x, device=device)
+    z = batched(model.encode, x, device=device)
+    m = {
+        "bits_per_pixel": bpp.mean().item(),
+        "bits_per_image": bpp.mean().item() * model.pixels,
+        "recon_psnr": psnr(rec, x),
+        "recon_ssim": ssim(rec, x),
+        "latent_shape": list(model.latent_shape),
+        "latent_std": z.std().item(),
+        **held_out_terms(model, x, seed, device),
+    }
+    return m, interleave(x[:32], rec[:32])
+
+
+def run(cfg: Config, root: Path) -> dict | None:
+    ctx = runner.begin("ul_stage1", cfg, root)
+    try:
+        s = cfg.ul.stage1
+        prep = load_prepared(ctx.path(PREPARED))
+        data = {"images": prep.images_float("train")}
+        model = UnifiedLatents(s, prep.image_shape)
+        params = runner.section_params(cfg, "ul.stage1")
+        inputs = [ctx.path(PREPARED)]
+        fixed = prep.images_float("test")[:8]
+
+        def sample_fn(ema: UnifiedLatents) -> torch.Tensor:  # TensorBoard: 8 test images and their reconstructions
+            x = fixed.to(ctx.runtime.device)
+            return torch.cat([x, ema.reconstruct(x, steps=16, generator=torch.Generator().manual_seed(0))])
+
+        result, ckpt_dir = runner.train(ctx, model, s.train, data, params=params, inputs=inputs, sample_fn=sample_fn)
+        if not ctx.is_main:
+            return None
+        ema = result.ema
+        test_x = prep.images_float("test")[: s.eval_images]
+        metrics, grid = evaluate(ema, test_x, cfg.seed, ctx.runtime.device)
+        with atomic_dir(ctx.path(OUT)) as tmp:
+            save_model(tmp, ema, kind="ul_stage1", section=to_dict(s), image_shape=prep.image_shape,
+                       full_config=to_dict(cfg))
+            save_grid(tmp / "recon.png", grid, ncol=8)  # 4 (image, reconstruction) pairs per row
+        metrics = {
+            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
+            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
+            "loss_factor": s.loss_factor, "logsnr_z0": s.logsnr_z0, **metrics,
+            "last_terms": result.last_terms,
+        }
+        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
+                            outputs=[ctx.path(OUT), ctx.path("metrics/ul_stage1_loss.tsv")])
+        runner.discard_checkpoints(ckpt_dir)
+        return out
+    finally:
+        runner.end(ctx)

@@ -1,0 +1,76 @@
+"""`ul_stage2` stage: a larger base model on the frozen stage-1 latents (models/ul.py `UlBase`).
+
+Reads models/ul_stage1 (encoder and decoder stay frozen: the training set is
+encoded once into clean latents) and writes models/ul_stage2/ (EMA weights,
+resolved config, samples.png: base model -> z0 at logsnr_z0 -> stage-1
+decoder) and metrics/ul_stage2.json (final and held-out loss, latents/s,
+wall time, lineage).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffrep.config import Config, to_dict
+from diffrep.data.prepared import load_prepared
+from diffrep.eval.features import batched
+from diffrep.eval.grid import save_grid
+from diffrep.io import atomic_dir
+from diffrep.models.artifact import load_model, save_model
+from diffrep.models.ul import UlBase, UnifiedLatents, generate
+from diffrep.stages import runner
+from diffrep.train.rng import BatchRNG
+
+PREPARED = Path("data/prepared")
+STAGE1 = Path("models/ul_stage1")
+OUT = Path("models/ul_stage2")
+
+
+@torch.no_grad()
+def held_out_loss(base: UlBase, latents: torch.Tensor, seed: int, device, batch_size: int = 500) -> float:
+    total = 0.0
+    for i in range(0, len(latents), batch_size):
+        z = latents[i:i + batch_size].to(device)
+        total += float(base({"latents": z}, BatchRNG(seed, i, len(z), device=device))[0]) * len(z)
+    return total / len(latents)
+
+
+def run(cfg: Config, root: Path) -> dict | None:
+    ctx = runner.begin("ul_stage2", cfg, root)
+    try:
+        s = cfg.ul.stage2
+        dev = ctx.runtime.device
+        prep = load_prepared(ctx.path(PREPARED))
+        stage1: UnifiedLatents = load_model(ctx.path(STAGE1), "ul_stage1").to(dev).requires_grad_(False)
+        latents = batched(stage1.encode, prep.images_float("train"), device=dev)  # (N, C_z, s, s), frozen
+        test_latents = batched(stage1.encode, prep.images_float("test"), device=dev)
+        base = UlBase(s, stage1.latent_shape, stage1.cfg.logsnr_z0)
+        params = runner.section_params(cfg, "ul.stage2")
+        inputs = [ctx.path(STAGE1), ctx.path(PREPARED)]
+
+        def sample_fn(ema: UlBase) -> torch.Tensor:  # TensorBoard: 16 generated images, fixed seed
+            return generate(stage1, ema, 16, seed=cfg.seed, device=dev)
+
+        result, ckpt_dir = runner.train(ctx, base, s.train, {"latents": latents}, params=params, inputs=inputs,
+                                        sample_fn=sample_fn)
+        if not ctx.is_main:
+            return None
+        ema = result.ema
+        samples = generate(stage1, ema, s.sample_images, seed=cfg.seed, device=dev)
+        with atomic_dir(ctx.path(OUT)) as tmp:
+            save_model(tmp, ema, kind="ul_stage2", section=to_dict(s), image_shape=stage1.latent_shape,
+                       extra={"logsnr_z0": stage1.cfg.logsnr_z0}, full_config=to_dict(cfg))
+            save_grid(tmp / "samples.png", samples, ncol=8)
+        metrics = {
+            "final_loss": result.final_loss, "test_loss": held_out_loss(ema, test_latents, cfg.seed, dev),
+            "steps": result.steps_done, "latents_per_s": result.images_per_s, "train_s": round(result.wall_s, 1),
+            "stopped_early": result.stopped_early, "latent_shape": list(stage1.latent_shape),
+            "logsnr_z0": stage1.cfg.logsnr_z0,
+        }
+        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
+                            outputs=[ctx.path(OUT), ctx.path("metrics/ul_stage2_loss.tsv")])
+        runner.discard_checkpoints(ckpt_dir)
+        return out
+    finally:
+        runner.end(ctx)
