@@ -100,28 +100,19 @@ class PipelineOptions:
 
 
 def pipeline_options(params_file: Path, stages: list[str]) -> PipelineOptions:
-    """The optional `pipeline:` section of params.yaml, checked so a typo fails before anything runs."""
-    raw = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
-    sec = raw.get("pipeline") or {}
-    where = f"{params_file.name}: pipeline"
-    if not isinstance(sec, dict):
-        raise ValueError(f"{where} must be a mapping with keys retries, retry_delay_s, timeout_s")
-    unknown = set(sec) - {"retries", "retry_delay_s", "timeout_s"}
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: retries, retry_delay_s, timeout_s")
-    retries, delay, timeouts = sec.get("retries", 0), sec.get("retry_delay_s", 0), sec.get("timeout_s") or {}
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ValueError(f"{where}.retries must be an integer >= 0, got {retries!r}")
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-        raise ValueError(f"{where}.retry_delay_s must be a number >= 0, got {delay!r}")
-    if not isinstance(timeouts, dict):
-        raise ValueError(f"{where}.timeout_s must map stage names to seconds, got {timeouts!r}")
-    for name, s in timeouts.items():
+    """The `pipeline:` section of params.yaml (schema in diffrep.config), checked before anything runs."""
+    from diffrep.config import load_config
+
+    sec = load_config(params_file).pipeline if params_file.is_file() else None
+    if sec is None:
+        return PipelineOptions(0, 0.0, {})
+    for name, s in sec.timeout_s.items():
         if name not in stages:
-            raise ValueError(f"{where}.timeout_s names unknown stage {name!r}; dvc.yaml has: {', '.join(stages)}")
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or s <= 0:
-            raise ValueError(f"{where}.timeout_s.{name} must be a number of seconds > 0, got {s!r}")
-    return PipelineOptions(retries, float(delay), {k: float(v) for k, v in timeouts.items()})
+            raise ValueError(f"{params_file.name}: pipeline.timeout_s names unknown stage {name!r}; "
+                             f"dvc.yaml has: {', '.join(stages)}")
+        if s <= 0:
+            raise ValueError(f"{params_file.name}: pipeline.timeout_s.{name} must be > 0 seconds, got {s!r}")
+    return PipelineOptions(sec.retries, float(sec.retry_delay_s), dict(sec.timeout_s))
 
 
 # ---------------------------------------------------------------- one stage

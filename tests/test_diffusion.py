@@ -33,13 +33,6 @@ from diffrep.diffusion import (
 RANGES = [(-15.0, 15.0), (-15.0, 5.0), (-10.0, 10.0)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors, many ops: intra-op threads only add barrier waits (60x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def all_schedules():

@@ -20,13 +20,6 @@ from diffrep.train import engine
 CPU = resolve_runtime(RuntimeConfig(device="cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add spin-waiting (and the exact-resume checks need a fixed count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyMLP(nn.Module):

@@ -13,14 +13,6 @@ from diffrep.nn.unet import ResBlock, split_sizes
 TINY = dict(channels=8, groups=4, heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    spin-waiting made this file ~20x slower (90 s vs 5 s); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def perturb(model, std=0.2, seed=0):

@@ -13,6 +13,13 @@ import sys
 STAGES = {
     "prepare": "diffrep.stages.prepare:run",
     "soda": "diffrep.stages.soda:run",
+    "ul_stage1": "diffrep.stages.ul_stage1:run",
+    "ul_stage2": "diffrep.stages.ul_stage2:run",
+    "ldae": "diffrep.stages.ldae:run",
+    "feature_net": "diffrep.stages.feature_net:run",
+    "linear_probe": "diffrep.stages.linear_probe:run",
+    "generation_eval": "diffrep.stages.generation_eval:run",
+    "report": "diffrep.stages.report:run",
 }
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -62,6 +69,12 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     return audit_main(args)
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from diffrep.sample import main_sample
+
+    return main_sample(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffrep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("params", help="validate params.yaml and print the resolved config")
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(func=_cmd_params)
+
+    s = sub.add_parser("sample", help="draw images from a trained generative model (UL: base -> decoder)")
+    s.add_argument("model", choices=["ul"], help="which model to sample")
+    s.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    s.add_argument("--out", required=True, help="output file: .png (a grid) or .npy (uint8 array, N C H W)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--root", default=".", help="repository root holding models/ul_stage1 and models/ul_stage2")
+    s.set_defaults(func=_cmd_sample)
 
     s = sub.add_parser(
         "lineage",

@@ -181,6 +181,69 @@ class LdaeConfig(Section):
     train: TrainConfig = TrainConfig()
 
 
+# ---------------------------------------------------------------- evaluation
+class FeatureNetConfig(Section):
+    """The in-domain classifier whose penultimate layer is the Fréchet-distance feature space (eval/feature_net.py)."""
+
+    width: int = Field(32, ge=4)  # channels of the first stage, doubled at each later stage
+    stages: int = Field(3, ge=1)  # each stage after the first halves the resolution
+    depth: int = Field(1, ge=1)  # residual blocks per stage
+    groups: int = Field(8, ge=1)  # GroupNorm groups (must divide width)
+    augment: ViewsConfig = ViewsConfig(crop_scale=(0.75, 1.0), brightness=0.1, contrast=0.1)
+    train: TrainConfig = TrainConfig(steps=600, batch_size=128, lr=3e-3, warmup_steps=30, weight_decay=0.05,
+                                     ema_decay=0.99, ckpt_every=200, log_every=50)
+
+
+class LinearProbeConfig(Section):
+    """`probe`: frozen features -> BatchNorm(affine=False) -> linear (the MAE recipe), and weighted kNN."""
+
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)  # probe head init + data order (+ random-init encoders)
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    pca_dim: int = Field(32, ge=1)  # the PCA-on-raw-pixels baseline
+    random_init: bool = True  # probe a freshly initialised copy of each encoder (the honest baseline)
+
+
+class DciConfig(Section):
+    """DCI disentanglement (Eastwood & Williams 2018) on data with known factors (eval/dci.py)."""
+
+    method: Literal["random_forest", "lasso"] = "random_forest"  # the paper's two importance estimators
+    bins: int = Field(10, ge=2)  # continuous factors -> this many equal-frequency classes
+    n_estimators: int = Field(50, ge=1)  # random_forest
+    lasso_c: float = Field(0.1, gt=0)  # lasso: inverse strength of the L1 penalty (logistic regression)
+    max_train: int = Field(4000, ge=10)  # codes used to fit the importance estimators
+    pca_dim: int = Field(32, ge=1)  # the PCA-of-pixels baseline code
+
+
+class EvalConfig(Section):
+    """`eval`: the generation_eval stage (stages/generation_eval.py)."""
+
+    n_samples: int = Field(1000, ge=2)  # UL samples; real sets have the same size (clipped to the split sizes)
+    base_steps: int | None = Field(None, ge=1)  # None: ul.stage2.diffusion.sample_steps
+    decoder_steps: int | None = Field(None, ge=1)  # None: ul.stage1.decoder_diffusion.sample_steps
+    recon_images: int = Field(256, ge=2)  # test images for reconstruction PSNR/SSIM, bits/px, novel views
+    soda_steps: int | None = Field(None, ge=1)  # None: soda.diffusion.sample_steps
+    kid_subsets: int = Field(50, ge=1)
+    kid_subset_size: int = Field(500, ge=2)  # clipped to the set sizes
+    batch_size: int = Field(250, ge=1)  # images per forward pass
+    grid_images: int = Field(64, ge=1)
+    inception_weights: str | None = None  # local standard FID InceptionV3 weights (.pth) -> also inception_fid
+    dci: DciConfig = DciConfig()
+
+
+# ---------------------------------------------------------------- orchestration
+class PipelineConfig(Section):
+    """How flows/pipeline.py runs each DVC stage under Prefect."""
+
+    retries: int = Field(0, ge=0)  # extra attempts per stage after a failure
+    retry_delay_s: float = Field(0, ge=0)
+    timeout_s: dict[str, float] = {}  # stage name -> seconds; the stage's process group is killed after it
+
+
 # ---------------------------------------------------------------- root
 class Config(Section):
     seed: int = 0
@@ -189,6 +252,10 @@ class Config(Section):
     soda: SodaConfig = SodaConfig()
     ul: UlConfig = UlConfig()
     ldae: LdaeConfig = LdaeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    feature_net: FeatureNetConfig = FeatureNetConfig()
+    probe: LinearProbeConfig = LinearProbeConfig()
+    eval: EvalConfig = EvalConfig()
 
     def section(self, dotted: str) -> Any:
         obj: Any = self

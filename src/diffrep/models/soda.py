@@ -13,7 +13,7 @@ import torch.nn as nn
 from diffrep.config import SodaConfig
 from diffrep.data.views import augment, pick_two_views
 from diffrep.models.artifact import register
-from diffrep.diffusion import cfg_combine, ddim_sample, make_schedule, training_losses
+from diffrep.diffusion import ddim_sample, guided_batched, make_schedule, tile_batch, training_losses
 from diffrep.nn import ResNetEncoder, UNet
 
 
@@ -72,18 +72,17 @@ class Soda(nn.Module):
         """DDIM from pure noise conditioned on z (and a target pose) -> images in [-1, 1]."""
         d = self.cfg.diffusion
         w = self.cfg.guidance if guidance is None else guidance
-        B = z.shape[0]
-        keep_all = torch.ones(B, self.n_groups, dtype=torch.bool, device=z.device)
-        pose_keep = torch.ones(B, dtype=torch.bool, device=z.device) if pose is not None else None
 
-        def denoise(z_t, logsnr):
-            cond = self.decoder(z_t, logsnr, z=z, z_keep=keep_all, pose=pose, pose_keep=pose_keep)
-            if w == 0:
-                return cond
+        def denoise_drop(z_t, logsnr, drop):  # drop: (n,) bool, n = B or 2B (guided_batched)
+            n = z_t.shape[0]
             # the null drops the latent only: the pose is the query, not the condition being guided
-            null = self.decoder(z_t, logsnr, z=z, z_keep=~keep_all, pose=pose, pose_keep=pose_keep)
-            return cfg_combine(cond, null, w)
+            z_keep = (~drop)[:, None].expand(n, self.n_groups)
+            p = tile_batch(pose, n) if pose is not None else None
+            p_keep = torch.ones(n, dtype=torch.bool, device=z_t.device) if pose is not None else None
+            return self.decoder(z_t, logsnr, z=tile_batch(z, n), z_keep=z_keep, pose=p, pose_keep=p_keep)
 
+        B = z.shape[0]
+        denoise = guided_batched(denoise_drop, w)
         if noise is None:
             noise = torch.randn((B, *self.image_shape), generator=generator).to(z.device)
         x = ddim_sample(denoise, noise, self.schedule, steps=steps or d.sample_steps, eta=d.eta,
