@@ -3,7 +3,10 @@
 Layout: 3x3 stem conv -> `stages` stages of `depth` residual blocks
 (GroupNorm -> SiLU -> conv, twice), a stride-2 conv between stages that also
 doubles the width (width * 2**stage) -> GroupNorm -> SiLU -> head:
-  output="vector": global average pool -> Linear(out_dim)               -> (B, out_dim)
+  output="vector": flatten the final s x s map -> Linear(out_dim)       -> (B, out_dim)
+                   (not a global average pool: on 16-32 px images the final
+                   map is 4x4 and *where* a stroke is carries most of the
+                   information that a pool would throw away)
   output="grid":   3x3 conv to grid_channels at the final resolution     -> (B, grid_channels, s, s),
                    s = image_size / 2**(stages-1) (16 px, 3 stages -> 4x4)
 """
@@ -56,7 +59,7 @@ class ResNetEncoder(nn.Module):
         layers += [nn.GroupNorm(groups, widths[-1]), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         if output == "vector":
-            self.head: nn.Module = nn.Linear(widths[-1], out_dim)
+            self.head: nn.Module = nn.Linear(widths[-1] * self.grid_size ** 2, out_dim)
             self._out_shape: tuple[int, ...] = (out_dim,)
         else:
             self.head = nn.Conv2d(widths[-1], grid_channels, 3, padding=1)
@@ -77,4 +80,4 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"ResNetEncoder: x must be (B, {self.in_channels}, {self.image_size}, "
                              f"{self.image_size}), got {tuple(x.shape)}")
         h = self.body(x)  # (B, C, s, s)
-        return self.head(h.mean(dim=(2, 3))) if self.output == "vector" else self.head(h)
+        return self.head(h.flatten(1)) if self.output == "vector" else self.head(h)
