@@ -63,25 +63,26 @@ def evaluate(model: Soda, prep: Prepared, cfg: Config, device) -> tuple[dict, to
         "linear_probe_z": linear_probe(z_train, train_y, z_test, test_y, k, seed=cfg.seed),
         "knn_raw_pixels": knn_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k),
     }
-    n = min(s.eval_images, len(test_x))
     g = torch.Generator().manual_seed(cfg.seed)
     poses = prep.array("test", "poses")
     if poses is None:
-        src = test_x[:n]
+        n = min(s.eval_images, len(test_x))
+        src = test_x[torch.linspace(0, len(test_x) - 1, n).long()]  # every class, not the first n
         rec = batched(lambda x: model.reconstruct(x, generator=g), src, device=device)
         m |= {"recon_psnr": psnr(rec, src), "recon_ssim": ssim(rec, src)}
-        grid = interleave(src[:16], rec[:16])
-        return m, grid
+        show = torch.linspace(0, n - 1, min(16, n)).long()  # spread over the class-sorted split
+        return m, interleave(src[show], rec[show])
     # 3D: reconstruct the source view; synthesise another view of the same object from its pose
     images, poses = group_views(test_x, torch.from_numpy(poses), torch.from_numpy(prep.array("test", "object_ids")))
-    n = min(n, len(images))
+    n = min(s.eval_images, len(images))
     src, tgt, tgt_pose = images[:n, 0], images[:n, 1], poses[:n, 1]
     src_pose = poses[:n, 0]
     rec = batched(lambda x, p: model.decode(model.encode(x), p, generator=g), src, src_pose, device=device)
     nv = batched(lambda x, p: model.novel_view(x, p, generator=g), src, tgt_pose, device=device)
     m |= {"recon_psnr": psnr(rec, src), "recon_ssim": ssim(rec, src),
           "novel_view_psnr": psnr(nv, tgt), "novel_view_ssim": ssim(nv, tgt)}
-    return m, interleave(src[:12], rec[:12], tgt[:12], nv[:12])
+    show = torch.linspace(0, n - 1, min(12, n)).long()
+    return m, interleave(src[show], rec[show], tgt[show], nv[show])
 
 
 def run(cfg: Config, root: Path) -> dict | None:
