@@ -212,3 +212,40 @@ def test_bad_configs_are_named():
     s1 = UnifiedLatents(TINY1.model_copy(update={"logsnr_z0": 10.0}), IMAGE)
     with pytest.raises(ValueError, match="retrain stage 2"):
         generate(s1, UlBase(TINY2, (2, 4, 4), 5.0), 2)
+
+
+# ---------------------------------------------------------------- the two stages end to end (digits 8x8)
+def test_stages_write_models_metrics_and_sample(prepared_digits, tmp_path):
+    import argparse
+    import shutil
+
+    import numpy as np
+
+    from diffrep.config import parse_config
+    from diffrep.sample import main_sample, sample_ul
+    from diffrep.stages import ul_stage1, ul_stage2
+
+    src, _ = prepared_digits
+    shutil.copytree(src / "data", tmp_path / "data")
+    train = {"steps": 6, "batch_size": 16, "ckpt_every": 100, "log_every": 2}
+    cfg = parse_config({"data": {"source": "digits", "image_size": 8}, "runtime": {"device": "cpu"}, "ul": {
+        "stage1": {**TINY1.model_dump(mode="json"), "train": train, "eval_images": 20},
+        "stage2": {**TINY2.model_dump(mode="json"), "train": train, "sample_images": 8}}}, "test")
+    m1 = ul_stage1.run(cfg, tmp_path)
+    for k in ("bits_per_pixel", "recon_psnr", "recon_ssim", "images_per_s", "wall_s", "test_prior_nats"):
+        assert np.isfinite(m1[k]), k
+    assert m1["latent_shape"] == [2, 4, 4] and m1["lineage"]["stage"] == "ul_stage1"
+    assert (tmp_path / "models/ul_stage1/recon.png").is_file()
+    assert (tmp_path / "metrics/ul_stage1_loss.tsv").read_text().startswith("step\tloss\tlr\tbits_per_pixel")
+    m2 = ul_stage2.run(cfg, tmp_path)
+    assert np.isfinite(m2["test_loss"]) and (tmp_path / "models/ul_stage2/samples.png").is_file()
+    assert set(m2["lineage"]["inputs"]) == {"models/ul_stage1", "data/prepared"}
+    a = sample_ul(tmp_path / "models/ul_stage1", tmp_path / "models/ul_stage2", 3, seed=1, device="cpu")
+    assert a.shape == (3, *IMAGE) and torch.equal(a, sample_ul(tmp_path / "models/ul_stage1",
+                                                                tmp_path / "models/ul_stage2", 3, seed=1, device="cpu"))
+    args = argparse.Namespace(model="ul", n=3, out=str(tmp_path / "s.npy"), seed=1, root=str(tmp_path))
+    assert main_sample(args) == 0
+    arr = np.load(tmp_path / "s.npy")
+    assert arr.shape == (3, *IMAGE) and arr.dtype == np.uint8
+    assert main_sample(argparse.Namespace(**{**vars(args), "out": str(tmp_path / "s.jpg")})) == 2
+    assert main_sample(argparse.Namespace(**{**vars(args), "root": str(tmp_path / "nowhere")})) == 1

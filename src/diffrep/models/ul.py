@@ -27,6 +27,14 @@ Choices (not fixed by the paper):
   network's error small at the very noisy end, where -dlambda/dt of the cosine
   schedule is ~e^7.5 and an eps-predictor's initial error would dominate.
 - The prior uses eps-prediction on the linear schedule (-dlambda/dt constant).
+- Demo defaults (config.py): b = 2, c_lf = 3. At 16x16 with ~600 steps the
+  paper's b = 0, c_lf = 1.5 lets the encoder shrink its latent to ~0.02 bits/px
+  before the decoder learns to use it (posterior collapse); a higher b counts
+  more of the low-noise decoder loss, a higher c_lf buys more bits.
+- Stage 2 trains on the clean latents over the full schedule and samples from
+  t=1 down to the t where its schedule reaches logsnr_z0 (the marginals below
+  logsnr_z0 are those of z0, so this models z0); latents are not rescaled, so
+  the noise level z0 was trained with stays exact.
 - `features(x)` (linear probe) is the FLATTENED clean latent, (B, C_z*s*s):
   with a 4-channel grid, pooling would leave 4 numbers.
 - bits = nats / ln 2; bits per pixel = bits / (H*W) (grey or colour alike).

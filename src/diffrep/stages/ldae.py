@@ -4,8 +4,8 @@ Writes models/ldae/ (weights with the fitted tokenizer as buffers, resolved conf
 grid.png: noisy input | prediction | clean, one test image per row, noise rising
 down the rows) and metrics/ldae.json: final loss, img/s, wall time, and on the
 test split kNN and linear-probe accuracy of the pooled encoder tokens, beside the
-raw-pixel kNN at the same resolution and the kNN of a random-init (untrained)
-network on the same tokenizer, all computed in this run; plus lineage.
+same two on raw pixels at the same resolution and the kNN of a random-init
+(untrained) network on the same tokenizer, all computed in this run; plus lineage.
 """
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ def run(cfg: Config, root: Path) -> dict | None:
             "knn_features": knn_accuracy(f_train, train_y, f_test, test_y, k),
             "linear_probe_features": linear_probe(f_train, train_y, f_test, test_y, k, seed=cfg.seed),
             "knn_raw_pixels": knn_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k),
+            "linear_probe_raw_pixels": linear_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k,
+                                                    seed=cfg.seed),
             "knn_random_init": knn_accuracy(r_train, train_y, r_test, test_y, k),
             "feature_dim": int(f_train.shape[1]),
         }

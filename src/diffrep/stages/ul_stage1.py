@@ -27,6 +27,11 @@ PREPARED = Path("data/prepared")
 OUT = Path("models/ul_stage1")
 
 
+def spread(n: int, k: int) -> torch.Tensor:
+    """k indices evenly spaced over n rows: every class of a class-sorted split is represented."""
+    return torch.linspace(0, n - 1, min(k, n)).round().long()
+
+
 @torch.no_grad()
 def held_out_terms(model: UnifiedLatents, x: torch.Tensor, seed: int, device, batch_size: int = 250) -> dict:
     """The training loss terms averaged over test images (one noise/time draw each, fixed seed)."""
@@ -53,7 +58,8 @@ def evaluate(model: UnifiedLatents, x: torch.Tensor, seed: int, device) -> tuple
         "latent_std": z.std().item(),
         **held_out_terms(model, x, seed, device),
     }
-    return m, interleave(x[:32], rec[:32])
+    show = spread(len(x), 32)
+    return m, interleave(x[show], rec[show])
 
 
 def run(cfg: Config, root: Path) -> dict | None:
@@ -65,7 +71,8 @@ def run(cfg: Config, root: Path) -> dict | None:
         model = UnifiedLatents(s, prep.image_shape)
         params = runner.section_params(cfg, "ul.stage1")
         inputs = [ctx.path(PREPARED)]
-        fixed = prep.images_float("test")[:8]
+        test_all = prep.images_float("test")
+        fixed = test_all[spread(len(test_all), 8)]
 
         def sample_fn(ema: UnifiedLatents) -> torch.Tensor:  # TensorBoard: 8 test images and their reconstructions
             x = fixed.to(ctx.runtime.device)
@@ -75,7 +82,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         if not ctx.is_main:
             return None
         ema = result.ema
-        test_x = prep.images_float("test")[: s.eval_images]
+        test_x = test_all[spread(len(test_all), s.eval_images)]
         metrics, grid = evaluate(ema, test_x, cfg.seed, ctx.runtime.device)
         with atomic_dir(ctx.path(OUT)) as tmp:
             save_model(tmp, ema, kind="ul_stage1", section=to_dict(s), image_shape=prep.image_shape,
