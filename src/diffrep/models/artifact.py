@@ -19,7 +19,8 @@ from diffrep.io import ArtifactError, load_torch, save_torch, write_json
 
 FILE = "model.pt"
 # model kind -> the module whose import registers its builder
-MODULES = {"soda": "diffrep.models.soda", "ul_stage1": "diffrep.models.ul", "ul_stage2": "diffrep.models.ul"}
+MODULES = {"soda": "diffrep.models.soda", "ul_stage1": "diffrep.models.ul", "ul_stage2": "diffrep.models.ul",
+           "ldae": "diffrep.models.ldae"}
 _BUILDERS: dict[str, Callable[[dict, tuple[int, int, int], dict], nn.Module]] = {}
 
 

@@ -22,6 +22,12 @@ Choices, and why (the paper states the mechanism; [choice] marks what it leaves 
   top-d projection in latent mode), the ViT conditioned on the small fixed noise
   level `feature_logsnr`, encoder tokens (first depth // 2 blocks) average-pooled
   -> (B, dim). Deterministic: no noise is drawn [choice].
+
+Measured on mnist5k 16x16 (4,000 train images; 600 steps, bs 128, dim 96, depth 4):
+pooled-feature cosine kNN 0.67-0.71 vs raw pixels 0.92-0.93. The information is
+there (the same features PCA-whitened reach 0.92-0.94 kNN; unpooled tokens 0.92-0.94)
+but a large shared offset and a few dominant directions swamp cosine similarity.
+Latent noise beat pixel noise only narrowly (kNN 0.668 vs 0.624) at this scale.
 """
 from __future__ import annotations
 

@@ -69,8 +69,10 @@ def train(ctx: StageContext, model: torch.nn.Module, train_cfg: TrainConfig, dat
           params: dict[str, Any], inputs: Iterable[Path], sample_fn: Callable | None = None,
           progress: bool = True):
     """Run the one training engine with this stage's checkpoint folder, logs and loss curve."""
+    from diffrep.nn import set_attention_backend
     from diffrep.train import Trainer
 
+    set_attention_backend(model, ctx.runtime.attention)  # runtime.attention reaches every attention layer
     fp = fingerprint(ctx, params, inputs)
     ckpt_dir = ctx.path(f".cache/checkpoints/{ctx.name}-{fp[:16]}")
     trainer = Trainer(
