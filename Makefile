@@ -36,6 +36,7 @@ test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
 
 bench: setup  ## run the benchmarks (writes bench/results/*.json)
+	@test -f bench/__main__.py || { echo "make bench: no benchmarks yet (bench/ is issue 8)"; exit 2; }
 	$(BIN)/python -m bench
 
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
