@@ -69,21 +69,27 @@ def test_distances_names_the_feature_space():
 
 
 # ---------------------------------------------------------------- the Inception path (offline, random weights)
-def test_inception_features_load_a_local_weights_file(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """A randomly initialised FID Inception (no download) and its weights saved as the "standard weights file"."""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            ref = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(ref.state_dict(), weights)
+    return ref, weights
+
+
+def test_inception_features_load_a_local_weights_file(random_inception, tmp_path):
     from diffrep.eval.fid import InceptionFeatures, distances
     from diffrep.io import ArtifactError
 
-    # Build a randomly initialised FID Inception without a download, and save it as the "weights file".
-    monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    torch.manual_seed(0)
-    ref = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / "inception.pth"
-    torch.save(ref.state_dict(), weights)
-    monkeypatch.undo()
-
+    ref, weights = random_inception
     inc = InceptionFeatures(weights)
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     f = inc(x)
@@ -150,10 +156,10 @@ def test_build_encoder_random_init_is_seeded_and_keeps_buffers(tmp_path):
         for p in model.parameters():
             p.add_(0.1)  # "trained": different from any fresh init
     save_model(tmp_path, model, kind="ldae", section=cfg.model_dump(mode="json"), image_shape=(1, 8, 8))
-    trained = build_encoder(tmp_path, "ldae", "diffrep.models.ldae")
+    trained = build_encoder(tmp_path, "ldae")
     torch.testing.assert_close(trained.features(x), model.eval().features(x))
-    a, b = (build_encoder(tmp_path, "ldae", "diffrep.models.ldae", init_seed=s) for s in (1, 1))
-    c = build_encoder(tmp_path, "ldae", "diffrep.models.ldae", init_seed=2)
+    a, b = (build_encoder(tmp_path, "ldae", init_seed=s) for s in (1, 1))
+    c = build_encoder(tmp_path, "ldae", init_seed=2)
     torch.testing.assert_close(a.features(x), b.features(x))
     assert not torch.allclose(a.features(x), c.features(x))
     assert not torch.allclose(a.features(x), trained.features(x))
@@ -169,7 +175,7 @@ def tiny_root(prepared_digits, tmp_path):
     return tmp_path
 
 
-def test_eval_stages_and_report_on_a_tiny_run(tiny_root, monkeypatch):
+def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monkeypatch):
     from diffrep.io import read_json
     from diffrep.stages import feature_net, generation_eval, linear_probe, report
 
@@ -193,6 +199,13 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, monkeypatch):
     bars = (tiny_root / "metrics/linear_probe_bars.csv").read_text().splitlines()
     assert bars[0] == "representation,accuracy,std,group" and len(bars) == 3
     assert (tiny_root / "results/linear_probe/probe_bars.png").is_file()
+
+    # the Inception branch, on 6 images per set: labelled as Inception, never mixed with the feature-net keys
+    inc_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"n_samples": 6, "inception_weights": str(random_inception[1])})})
+    im = generation_eval.run(inc_cfg, tiny_root)
+    assert im["inception_fid_floor"] >= 0 and "inception_kid_floor" in im and "inception_fid" not in im
+    assert im["fd_featnet_floor"] != im["inception_fid_floor"]
 
     gm = generation_eval.run(cfg, tiny_root)  # floor only: no UL / SODA here
     assert gm["n"] == 100 and gm["fd_featnet_floor"] > 0 and gm["missing"] == ["ul", "soda"]

@@ -220,9 +220,10 @@ class DciConfig(Section):
 
     method: Literal["random_forest", "lasso"] = "random_forest"  # the paper's two importance estimators
     bins: int = Field(10, ge=2)  # continuous factors -> this many equal-frequency classes
-    n_estimators: int = Field(50, ge=1)  # random_forest
+    n_estimators: int = Field(20, ge=1)  # random_forest
+    max_depth: int | None = Field(8, ge=1)  # random_forest; None: grow fully (~6x slower at 4000 codes)
     lasso_c: float = Field(0.1, gt=0)  # lasso: inverse strength of the L1 penalty (logistic regression)
-    max_train: int = Field(4000, ge=10)  # codes used to fit the importance estimators
+    max_train: int = Field(2000, ge=10)  # codes used to fit the importance estimators
     pca_dim: int = Field(32, ge=1)  # the PCA-of-pixels baseline code
 
 

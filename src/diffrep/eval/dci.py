@@ -66,8 +66,8 @@ def completeness(R: np.ndarray) -> float:
 
 
 def importance_matrix(codes_train: np.ndarray, y_train: np.ndarray, codes_test: np.ndarray, y_test: np.ndarray, *,
-                      method: str = "random_forest", n_estimators: int = 50, lasso_c: float = 0.1,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      method: str = "random_forest", n_estimators: int = 20, max_depth: int | None = 8,
+                      lasso_c: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """-> R (D, K) with columns summing to 1 (0 where a factor got no importance), test accuracy (K,)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -83,8 +83,8 @@ def importance_matrix(codes_train: np.ndarray, y_train: np.ndarray, codes_test: 
         if method == "random_forest":
             # every split sees every code dim: with random subsets an irrelevant dim is often the best
             # of those offered and collects importance that is not there
-            est = RandomForestClassifier(n_estimators=n_estimators, max_features=None, min_samples_leaf=5,
-                                         random_state=seed)
+            est = RandomForestClassifier(n_estimators=n_estimators, max_features=None, max_depth=max_depth,
+                                         min_samples_leaf=5, n_jobs=-1, random_state=seed)
             est.fit(ztr, y_train[:, k])
             imp = est.feature_importances_
         elif method == "lasso":
@@ -99,8 +99,8 @@ def importance_matrix(codes_train: np.ndarray, y_train: np.ndarray, codes_test: 
 
 
 def dci(codes_train, factors_train, codes_test, factors_test, *, factor_names: list[str] | None = None,
-        method: str = "random_forest", bins: int = 10, n_estimators: int = 50, lasso_c: float = 0.1,
-        seed: int = 0) -> dict:
+        method: str = "random_forest", bins: int = 10, n_estimators: int = 20, max_depth: int | None = 8,
+        lasso_c: float = 0.1, seed: int = 0) -> dict:
     """DCI of codes (N, D) against factors (N, K); returns the three scores, per-factor detail and R."""
     codes_train, codes_test = np.asarray(codes_train, np.float64), np.asarray(codes_test, np.float64)
     factors_train, factors_test = np.asarray(factors_train), np.asarray(factors_test)
@@ -113,7 +113,7 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, factor_names: l
     names = factor_names or [f"factor_{k}" for k in range(factors_train.shape[1])]
     y_tr, y_te = discretize(factors_train, factors_test, bins)
     R, acc = importance_matrix(codes_train, y_tr, codes_test, y_te, method=method, n_estimators=n_estimators,
-                               lasso_c=lasso_c, seed=seed)
+                               max_depth=max_depth, lasso_c=lasso_c, seed=seed)
     chance = [float(np.bincount(y_te[:, k]).max() / len(y_te)) for k in range(y_te.shape[1])]
     return {
         "disentanglement": disentanglement(R),

@@ -88,7 +88,7 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
              for name, fn in encoders.items()}
     codes["pca"] = pca_features(train_x[idx].flatten(1), test_x.flatten(1), d.pca_dim, cfg.seed)
     return {name: dci(tr.numpy(), f_tr, te.numpy(), f_te, factor_names=names, method=d.method, bins=d.bins,
-                      n_estimators=d.n_estimators, lasso_c=d.lasso_c, seed=cfg.seed)
+                      n_estimators=d.n_estimators, max_depth=d.max_depth, lasso_c=d.lasso_c, seed=cfg.seed)
             for name, (tr, te) in codes.items()}
 
 

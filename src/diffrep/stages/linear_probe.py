@@ -34,21 +34,22 @@ from diffrep.eval.features import batched
 from diffrep.eval.probe import ProbeConfig, knn_accuracy, linear_probe
 from diffrep.io import ArtifactError, atomic_dir, load_torch, write_text
 from diffrep.models import artifact
+from diffrep.nn import set_attention_backend
 from diffrep.stages import runner
 from diffrep.train.rng import derive_seed
 
 PREPARED = Path("data/prepared")
 BARS = Path("metrics/linear_probe_bars.csv")
 OUT = Path("results/linear_probe")
-# representation -> (model folder, artifact kind, module that registers the kind, feature method)
+# representation -> (model folder, artifact kind, feature method)
 ENCODERS = {
-    "soda": ("models/soda", "soda", "diffrep.models.soda", "encode"),
-    "ul": ("models/ul_stage1", "ul_stage1", "diffrep.models.ul", "features"),
-    "ldae": ("models/ldae", "ldae", "diffrep.models.ldae", "features"),
+    "soda": ("models/soda", "soda", "encode"),
+    "ul": ("models/ul_stage1", "ul_stage1", "features"),
+    "ldae": ("models/ldae", "ldae", "features"),
 }
 
 
-def build_encoder(folder: Path, kind: str, module: str, init_seed: int | None = None) -> nn.Module:
+def build_encoder(folder: Path, kind: str, init_seed: int | None = None) -> nn.Module:
     """The trained model of an artifact folder, or (init_seed given) a fresh init of the same architecture.
 
     The fresh model keeps the artifact's buffers (never learned by gradient descent, e.g. a fitted
@@ -64,7 +65,7 @@ def build_encoder(folder: Path, kind: str, module: str, init_seed: int | None = 
                             "re-run the stage that makes it") from None
     if got != kind:
         raise ArtifactError(f"{file}: holds a {got!r} model, expected {kind!r}")
-    importlib.import_module(module)  # registers the builder
+    importlib.import_module(artifact.MODULES[kind])  # registers the builder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0 if init_seed is None else init_seed)
         net = artifact._BUILDERS[kind](section, image_shape, extra)
@@ -141,20 +142,21 @@ def run(cfg: Config, root: Path) -> dict | None:
         groups: dict[str, str] = {}
 
         def feats(net: nn.Module, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+            set_attention_backend(net, ctx.runtime.attention)
             fn = getattr(net.to(dev), method)
             return batched(fn, train_x, device=dev).flatten(1), batched(fn, test_x, device=dev).flatten(1)
 
-        for name, (folder, kind, module, method) in ENCODERS.items():
+        for name, (folder, kind, method) in ENCODERS.items():
             path = ctx.path(folder)
             if not (path / artifact.FILE).is_file():
                 missing.append(name)
                 print(f"[linear_probe] {folder} not found: skipping {name} (run its stage to include it)")
                 continue
             inputs.append(path)
-            fixed = feats(build_encoder(path, kind, module), method)
+            fixed = feats(build_encoder(path, kind), method)
             reps[name], groups[name] = probe_all([fixed] * n_seeds, train_y, test_y, k, cfg), "diffusion"
             if p.random_init:
-                fresh = [feats(build_encoder(path, kind, module, derive_seed("random-init", cfg.seed, name, s)), method)
+                fresh = [feats(build_encoder(path, kind, derive_seed("random-init", cfg.seed, name, s)), method)
                          for s in p.seeds]
                 reps[f"{name}_random_init"] = probe_all(fresh, train_y, test_y, k, cfg)
                 groups[f"{name}_random_init"] = "baseline"
