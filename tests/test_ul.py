@@ -23,15 +23,6 @@ TINY2 = UlStage2Config(base=UNetConfig(channels=8, channel_mult=(1, 2), attn_res
                                                  sample_steps=4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits cost minutes on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturb(model, std=0.1, seed=0):
     """Move every weight off its (partly zero) init so outputs depend on the inputs."""
     g = torch.Generator().manual_seed(seed)
