@@ -35,9 +35,8 @@ pipeline: setup  ## run the whole DVC pipeline on the embedded default data
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-bench: setup  ## run the benchmarks (writes bench/results/*.json)
-	@test -f bench/__main__.py || { echo "make bench: no benchmarks yet (bench/ is issue 8)"; exit 2; }
-	$(BIN)/python -m bench
+bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs
