@@ -4,8 +4,9 @@ Each stage of `dvc.yaml` becomes one task, in DAG order, that calls
 `dvc repro --single-item STAGE`; DVC's cache decides whether the stage really
 runs ("ran") or is up to date ("cached"). The flow adds what DVC lacks:
 retries, per-stage timeouts, every output line in the Prefect logs, a table
-artifact of each stage's metrics, a summary artifact, and the flow-run id in
-every lineage block (via DIFFREP_FLOW_RUN_ID).
+artifact of each stage's metrics, a summary artifact, at the end the report
+(reports/report.md) and a listing of the sample grids the stages wrote, and the
+flow-run id in every lineage block (via DIFFREP_FLOW_RUN_ID).
 
 Optional params.yaml section (read raw here; not part of the stage params):
     pipeline:
@@ -39,6 +40,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from diffrep.audit import dvc_executable
+
+REPORT = "reports/report.md"  # the `report` stage's page, published whole as a markdown artifact
+GRID_GLOBS = ("results/*/*.png", "models/*/*.png")  # sample/reconstruction grids the stages write
 
 # DVC's words for "nothing computed": up to date, or outputs restored from its run cache
 _SKIPPED = re.compile(r"Stage '(?P<stage>[^']+)' (didn't change, skipping|is cached - skipping run)")
@@ -171,25 +175,11 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@task(task_run_name="{name}")
-def run_stage(
-    name: str,
-    root: str = ".",
-    force: bool = False,
-    timeout_s: float | None = None,
-    flow_run_id: str | None = None,
-) -> dict[str, Any]:
-    """`dvc repro --single-item NAME` with its output streamed to the Prefect log: {stage, status, seconds}."""
-    log = get_run_logger()
-    root_p = Path(root).resolve()
-    cmd = [dvc_executable(), "repro", "--single-item", name] + (["--force"] if force else [])
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-    if flow_run_id:
-        env["DIFFREP_FLOW_RUN_ID"] = flow_run_id  # recorded by diffrep.lineage.lineage_block
-    log.info("$ dvc %s", " ".join(cmd[1:]))
-    t0 = time.monotonic()
+def run_streamed(cmd: list[str], cwd: Path, env: dict[str, str], log: Any,
+                 timeout_s: float | None = None) -> tuple[int | None, deque[str], deque[str]]:
+    """Run `cmd`, every output line to `log`: (exit code or None on timeout, last stdout lines, last stderr lines)."""
     # Own process group: a timeout must kill the stage's command, not only dvc.
-    proc = subprocess.Popen(cmd, cwd=root_p, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     out: deque[str] = deque(maxlen=200)
     err: deque[str] = deque(maxlen=_TAIL)
@@ -206,6 +196,36 @@ def run_stage(
         _kill(proc)  # interrupted (Ctrl-C, cancellation): leave no orphan stage behind
     for t in pumps:
         t.join(timeout=10)
+    return rc, out, err
+
+
+def dvc_env(dvc: str, flow_run_id: str | None = None) -> dict[str, str]:
+    """The environment of a dvc child: no analytics, unbuffered output, the stage commands on PATH."""
+    # `diffrep stage ...` lives beside dvc: a worker started from the venv's python without
+    # activating the venv must still find it.
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": str(Path(dvc).parent) + os.pathsep + os.environ.get("PATH", "")}
+    if flow_run_id:
+        env["DIFFREP_FLOW_RUN_ID"] = flow_run_id  # recorded by diffrep.lineage.lineage_block
+    return env
+
+
+@task(task_run_name="{name}")
+def run_stage(
+    name: str,
+    root: str = ".",
+    force: bool = False,
+    timeout_s: float | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """`dvc repro --single-item NAME` with its output streamed to the Prefect log: {stage, status, seconds}."""
+    log = get_run_logger()
+    root_p = Path(root).resolve()
+    cmd = [dvc_executable(), "repro", "--single-item", name] + (["--force"] if force else [])
+    env = dvc_env(cmd[0], flow_run_id)
+    log.info("$ dvc %s", " ".join(cmd[1:]))
+    t0 = time.monotonic()
+    rc, out, err = run_streamed(cmd, root_p, env, log, timeout_s)
     seconds = round(time.monotonic() - t0, 2)
     tail = "\n".join(err)
     if rc is None:
@@ -216,6 +236,46 @@ def run_stage(
     status = repro_status(name, out)
     log.info("stage %s %s in %.2f s", name, status, seconds)
     return {"stage": name, "status": status, "seconds": seconds}
+
+
+# ---------------------------------------------------------------- end-of-run artifacts
+def grid_files(root: Path, dvc_stages: dict[str, Any], order: list[str]) -> list[Path]:
+    """The PNG grids (GRID_GLOBS) that lie inside the outs of the stages this run covered."""
+    outs = [o for s in order for o in _paths(dvc_stages[s].get("outs"))]
+    found = {p for g in GRID_GLOBS for p in root.glob(g) if p.is_file()}
+    rel = {p: p.relative_to(root).as_posix() for p in found}
+    return sorted((p for p in found if any(_overlaps(rel[p], o) for o in outs)), key=lambda p: rel[p])
+
+
+def grids_markdown(root: Path, files: list[Path]) -> str:
+    """A table of the grids with a file:// link each (artifacts hold text, not images), size and hash prefix."""
+    from diffrep.io import file_hash
+
+    lines = ["# Sample grids", "", f"In `{root}` (open the links on that machine, or `dvc pull` them):", "",
+             "| grid | bytes | sha256 |", "|---|---|---|"]
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        lines.append(f"| [{rel}]({p.resolve().as_uri()}) | {p.stat().st_size} | `{file_hash(p)[:12]}` |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_results(root: Path, dvc_stages: dict[str, Any], order: list[str]) -> list[str]:
+    """The report and the grid listing as markdown artifacts; returns the keys published.
+
+    Only what this run covered: a `--stages prepare` run must not re-publish a stale report.
+    """
+    keys = []
+    report = root / REPORT
+    if "report" in order and report.is_file():
+        create_markdown_artifact(report.read_text(), key="diffrep-report",
+                                 description=f"`{REPORT}` as written by the report stage")
+        keys.append("diffrep-report")
+    grids = grid_files(root, dvc_stages, order)
+    if grids:
+        create_markdown_artifact(grids_markdown(root, grids), key="sample-grids",
+                                 description=f"{len(grids)} image grid(s) written by the stages of this run")
+        keys.append("sample-grids")
+    return keys
 
 
 # ---------------------------------------------------------------- the flow
@@ -253,6 +313,9 @@ def pipeline_flow(stages: list[str] | None = None, force: bool = False, root: st
             for mf in metrics_files(dvc_stages[name]):
                 if (root_p / mf).is_file():
                     publish_metrics(name, root_p / mf, row["status"])
+        published = publish_results(root_p, dvc_stages, order)
+        if published:
+            log.info("published artifacts: %s", ", ".join(published))
     finally:
         create_markdown_artifact(_summary(rows, run_id), key="pipeline-summary",
                                  description="stages of this run: ran, cached (DVC up to date) or failed")

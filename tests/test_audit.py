@@ -30,7 +30,11 @@ if name == "a":
 else:
     v = int(pathlib.Path("data/a/x.txt").read_text()) + p["b"]["offset"]
     pathlib.Path("data/b.txt").write_text(str(v))
-    ins, outs, metrics = ["data/a/x.txt"], ["data/b.txt"], {"fd": v + 0.25, "probe": {"soda": {"mean": 0.5}}}
+    pathlib.Path("models/b").mkdir(parents=True, exist_ok=True)  # a model folder: checkpoint + grid
+    pathlib.Path("models/b/model.pt").write_bytes(bytes([v]) * 64)
+    pathlib.Path("models/b/grid.png").write_bytes(b"png")
+    ins, outs = ["data/a/x.txt"], ["data/b.txt", "models/b"]
+    metrics = {"fd": v + 0.25, "probe": {"soda": {"mean": 0.5}}}
 metrics["lineage"] = lineage_block(name, p, ins, outs, seed=p["seed"])
 pathlib.Path("metrics").mkdir(exist_ok=True)
 json.dump(metrics, open(f"metrics/{name}.json", "w"))
@@ -50,7 +54,7 @@ stages:
     cmd: {sys.executable} stage.py b
     deps: [stage.py, data/a/x.txt]
     params: [b.offset]
-    outs: [data/b.txt]
+    outs: [data/b.txt, models/b]
     metrics:
       - metrics/b.json:
           cache: false
@@ -131,7 +135,35 @@ def test_modified_upstream_output_is_a_broken_link(proj, capsys):
     out = capsys.readouterr().out
     broken = out[out.index("BROKEN LINKS"):]
     assert "b: input data/a/x.txt CHANGED" in broken
-    assert "a: output data/a CHANGED" in broken
+    assert "a: output data/a CHANGED" in broken and "modified: x.txt" in broken  # the file inside, too
+
+
+def test_changed_checkpoint_is_named_with_the_file(proj, capsys):
+    ckpt = proj / "models/b/model.pt"
+    ckpt.chmod(0o644)  # DVC may leave cached outputs read-only
+    ckpt.write_bytes(b"retrained elsewhere")
+    (proj / "models/b/extra.pt").write_bytes(b"x")
+    assert run(proj) == 1
+    out = capsys.readouterr().out
+    assert "b: output models/b CHANGED" in out
+    assert "modified: model.pt; added: extra.pt" in out and "grid.png" not in out.split("BROKEN LINKS")[1]
+
+
+def test_changed_source_data_file_is_named(proj, capsys):
+    (proj / "raw.txt").write_text("other raw data\n")
+    assert run(proj, key="fd") == 1
+    out = capsys.readouterr().out
+    assert "a: input raw.txt CHANGED" in out
+    assert "dep raw.txt" not in out  # dvc status says the same: named once
+
+
+def test_folder_detail_needs_the_dvc_cache(proj, capsys):
+    """Without the .dir listing (cache gc'd, never pulled) the folder is still named, just not its files."""
+    shutil.rmtree(proj / ".dvc/cache")
+    (proj / "data/a/x.txt").write_text("999")
+    assert run(proj) == 1
+    out = capsys.readouterr().out
+    assert "a: output data/a CHANGED" in out and "modified:" not in out
 
 
 def test_changed_param_names_the_param_and_both_values(proj, capsys):

@@ -231,3 +231,69 @@ def test_retry_then_timeout_kills_the_stage(prefect_server, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"the timed-out stage (pid {pid}) is still running")
+
+
+# A model stage that writes a grid beside its weights, and a report stage: the end-of-run artifacts.
+GRID_PY = '''
+import pathlib, sys
+pathlib.Path("models/m").mkdir(parents=True, exist_ok=True)
+pathlib.Path("models/m/weights.bin").write_bytes(b"w")
+pathlib.Path("models/m/grid.png").write_bytes(b"\\x89PNG fake")
+'''
+WITH_REPORT = f"""
+stages:
+  model:
+    cmd: {sys.executable} grid.py
+    deps: [grid.py]
+    outs: [models/m]
+  report:
+    cmd: {sys.executable} -c "import pathlib; pathlib.Path('reports').mkdir(); pathlib.Path('reports/report.md').write_text('# the report\\\\nfd_featnet 1.5')"
+    deps: [models/m]
+    outs: [reports: {{cache: false}}]
+"""
+
+
+def test_flow_publishes_the_report_and_the_grids(prefect_server, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    root = make_project(tmp_path / "p", WITH_REPORT)
+    (root / "grid.py").write_text(GRID_PY)
+    state = pipeline_flow(root=str(root), return_state=True)
+    assert [r["status"] for r in state.result()] == ["ran", "ran"]
+    arts = read_artifacts(state.state_details.flow_run_id)
+    assert "# the report" in arts["diffrep-report"].data and "fd_featnet 1.5" in arts["diffrep-report"].data
+    grids = arts["sample-grids"].data
+    assert "[models/m/grid.png](file://" in grids and "weights.bin" not in grids
+
+    # a run of the model stage only lists its grid but does not re-publish the (now stale) report
+    state = pipeline_flow(stages=["model"], root=str(root), return_state=True)
+    assert set(read_artifacts(state.state_details.flow_run_id)) == {"sample-grids", "pipeline-summary"}
+
+
+def test_real_prepare_validation_failure_names_the_expectation(prefect_server, tmp_path, monkeypatch):
+    """The real `prepare` stage of dvc.yaml on an image folder with a corrupt PNG: the flow fails naming
+    the stage, the failing expectation and the file (the lines prepare prints on stderr)."""
+    import shutil
+
+    import yaml
+    from conftest import make_imagefolder
+
+    from flows.pipeline import StageFailed, pipeline_flow
+
+    dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    dag["stages"] = {"prepare": dag["stages"]["prepare"]}
+    params = "seed: 0\ndata: {source: imagefolder, path: imgs, image_size: 8, min_rows: 4}\n"
+    root = make_project(tmp_path / "p", yaml.safe_dump(dag), params)
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    make_imagefolder(root / "imgs", {"cats": 5, "dogs": 5})
+    (root / "imgs/dogs/broken.png").write_bytes(b"garbage")
+    # no venv on PATH: the flow must find `diffrep` beside dvc itself
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    state = pipeline_flow(root=str(root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed) as exc:
+        state.result()
+    msg = str(exc.value)
+    assert "stage 'prepare' failed" in msg
+    assert "expectation 'image readable' failed on 1 image: dogs/broken.png" in msg
+    assert not (root / "data/prepared").exists()

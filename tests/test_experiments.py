@@ -1,0 +1,206 @@
+"""DVC experiments: `dvc exp run -S` on the real `prepare` stage, and the experiments flow on a fake stage."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `flows` lives at the repo root, outside the installed package
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def commit_repo(root: Path) -> Path:
+    """git + dvc init and a first commit: `dvc exp` starts every experiment from a commit."""
+    sh("git", "init", "-q", ".", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "baseline", cwd=root)
+    return root
+
+
+def exp_metrics(root: Path) -> dict[str, dict]:
+    """{experiment name: {metrics file: data}} of the baseline commit, from `dvc exp show --json`."""
+    show = json.loads(sh("dvc", "exp", "show", "--json", cwd=root).stdout)
+    base = next(e for e in show if e["rev"] != "workspace")
+    return {r["name"]: {f: m.get("data") for f, m in r["data"]["metrics"].items()}
+            for g in base.get("experiments") or [] for r in g["revs"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    site = tmp_path_factory.mktemp("dvc-site")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site), "GX_ANALYTICS_ENABLED": "false",
+                     "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                     "GIT_COMMITTER_EMAIL": "t@t"}.items():
+            mp.setenv(k, v)
+        yield
+
+
+# ---------------------------------------------------------------- no DVC, no Prefect
+def test_expand_sweep_is_the_product_of_every_set():
+    from flows.experiments import expand_sweep, swept_keys
+
+    assert expand_sweep(["a.b=1.5,3,6"]) == [["a.b=1.5"], ["a.b=3"], ["a.b=6"]]
+    assert expand_sweep(["x=1,2", "y=u"]) == [["x=1", "y=u"], ["x=2", "y=u"]]
+    assert expand_sweep(["m=[1,2],[4,8]"]) == [["m=[1,2]"], ["m=[4,8]"]]  # a list value is one value
+    assert swept_keys(["x=1,2", " y =u"]) == ["x", "y"]
+    for bad in ("novalue", "=3", "k="):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            expand_sweep([bad])
+
+
+def test_comparison_rows_from_exp_show_json():
+    from flows.experiments import comparison_rows
+
+    def entry(rev, name, lr, metrics):
+        return {"rev": rev, "name": name, "data": {
+            "params": {"params.yaml": {"data": {"train": {"lr": lr}, "seed": 0}}},
+            "metrics": {"metrics/soda.json": {"data": {**metrics, "lineage": {"stage": "soda", "seed": 0}}},
+                        "metrics/other.json": {"error": {"type": "FileNotFoundError"}}}}}
+
+    show = [{"rev": "workspace", "name": None, "data": {}},
+            {**entry("aaaaaaa111", "main", 0.1, {"knn_z": 0.9, "steps": 5}),
+             "experiments": [{"name": "s-1", "revs": [entry("bbbbbbb222", "s-1", 0.2, {"knn_z": 0.8})]}]}]
+    rows = comparison_rows(show, ["s-1", "s-2"], ["train.lr"])
+    assert rows == [
+        {"experiment": "baseline", "rev": "aaaaaaa", "state": "ok", "train.lr": 0.1, "soda.knn_z": 0.9},
+        {"experiment": "s-1", "rev": "bbbbbbb", "state": "ok", "train.lr": 0.2, "soda.knn_z": 0.8},
+        {"experiment": "s-2", "rev": "", "state": "failed", "train.lr": None, "soda.knn_z": None},
+    ]  # headline metrics only (knn_z, not steps); s-2 failed: DVC does not list it
+
+
+def test_cli_help_and_usage_errors(capsys):
+    from flows.experiments import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "-S KEY=V1[,V2...]" in capsys.readouterr().out
+    for argv in ([], ["-S", "nokey"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- plain DVC on the real prepare stage
+def test_dvc_exp_run_on_real_prepare_shows_its_metrics(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / ".gitignore", root)
+    dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": dag["stages"]["prepare"]}}))
+    params = "seed: 0\ndata: {source: digits, image_size: 8, test_fraction: 0.2}\n"
+    (root / "params.yaml").write_text(params)
+    commit_repo(root)
+
+    sh("dvc", "exp", "run", "--temp", "-n", "tf30", "-S", "data.test_fraction=0.3", cwd=root)
+    m = exp_metrics(root)["tf30"]["metrics/prepare.json"]
+    assert 530 <= m["counts"]["test"] <= 545  # about 30% of 1,797 (stratified): the override took effect
+    assert m["lineage"]["params"]["data"]["test_fraction"] == 0.3
+    assert (root / "params.yaml").read_text() == params  # --temp: the workspace is untouched
+
+
+# ---------------------------------------------------------------- the flow on a fake stage
+STAGE_PY = """
+import json, pathlib, yaml
+p = yaml.safe_load(open("params.yaml"))
+if p["train"]["lr"] < 0:
+    raise SystemExit("lr must be positive")
+pathlib.Path("metrics").mkdir(exist_ok=True)
+json.dump({"knn_z": round(1 - p["train"]["lr"], 3), "steps": p["train"]["steps"], "lineage": {"stage": "soda"}},
+          open("metrics/soda.json", "w"))
+"""
+DVC_YAML = f"""
+stages:
+  soda:
+    cmd: {sys.executable} stage.py
+    deps: [stage.py]
+    params: [train]
+    metrics:
+      - metrics/soda.json: {{cache: false}}
+"""
+PARAMS = "seed: 0\ntrain: {lr: 0.1, steps: 3}\n"
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "stage.py").write_text(STAGE_PY)
+    (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
+    (root / "params.yaml").write_text(PARAMS)
+    sh("git", "init", "-q", ".", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("dvc", "repro", cwd=root)  # the baseline's own metrics, committed
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "baseline", cwd=root)
+    return root
+
+
+def artifact(key: str):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    return next(a for a in asyncio.run(go()) if a.key == key)
+
+
+def test_flow_runs_a_queued_sweep_and_publishes_the_table(prefect_server, fake_repo):
+    from flows.experiments import experiments_flow
+
+    rows = experiments_flow(set_params=["train.lr=0.2,0.4", "train.steps=7"], name="sw", root=str(fake_repo))
+    assert [(r["experiment"], r["state"], r["train.lr"], r["train.steps"], r["soda.knn_z"]) for r in rows] == [
+        ("baseline", "ok", 0.1, 3, 0.9), ("sw-1", "ok", 0.2, 7, 0.8), ("sw-2", "ok", 0.4, 7, 0.6)]
+    assert (fake_repo / "params.yaml").read_text() == PARAMS  # the queue ran in temporary copies
+    assert set(exp_metrics(fake_repo)) == {"sw-1", "sw-2"}  # plain DVC sees them too
+
+    table = artifact("experiments").data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [r["experiment"] for r in table] == ["baseline", "sw-1", "sw-2"]
+    assert "steps" not in json.dumps(table).replace("train.steps", "")  # headline metrics only
+
+
+def test_failed_experiment_fails_the_flow_after_publishing(prefect_server, fake_repo):
+    from flows.experiments import ExperimentFailed, experiments_flow
+
+    state = experiments_flow(set_params=["train.lr=-1"], name="neg", root=str(fake_repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ExperimentFailed, match="lr must be positive"):
+        state.result()
+    table = artifact("experiments").data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [(r["experiment"], r["state"]) for r in table] == [("baseline", "ok"), ("neg", "failed")]
