@@ -74,3 +74,20 @@ def prepared_digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared_digits")
     metrics = run(make_cfg(source="digits", image_size=8), root)
     return root, metrics
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server for the whole session (10-30 s to start on 2 cores); yields its API URL."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        mp.setenv("DVC_SITE_CACHE_DIR", str(tmp_path_factory.mktemp("dvc-site")))
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value()

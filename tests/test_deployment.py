@@ -43,20 +43,6 @@ def test_retrain_entrypoint_schedule_and_parameters_are_valid():
     assert dep["work_pool"]["name"] == "diffrep-process"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A temporary Prefect server; yields its API URL for the CLI subprocesses."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        from prefect.settings import PREFECT_API_URL
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield PREFECT_API_URL.value()
-
-
 def prefect_cli(*args: str, cwd: Path, api_url: str) -> str:
     env = dict(os.environ, PREFECT_API_URL=api_url, DIFFREP_ROOT=str(cwd))
     out = subprocess.run([PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -65,7 +51,7 @@ def prefect_cli(*args: str, cwd: Path, api_url: str) -> str:
 
 
 @pytest.mark.slow
-def test_prefect_deploy_registers_retrain_with_its_schedule(server, tmp_path):
+def test_prefect_deploy_registers_retrain_with_its_schedule(prefect_server, tmp_path):
     """The documented commands: create the process pool, `prefect deploy -n retrain` (from a copy of the
     repo's deployment files, so nothing is written into the checkout)."""
     from prefect.client.orchestration import get_client
@@ -73,8 +59,8 @@ def test_prefect_deploy_registers_retrain_with_its_schedule(server, tmp_path):
     proj = tmp_path / "repo"
     shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prefect.yaml", proj)
-    prefect_cli("work-pool", "create", "diffrep-process", "--type", "process", cwd=proj, api_url=server)
-    prefect_cli("--no-prompt", "deploy", "-n", "retrain", cwd=proj, api_url=server)
+    prefect_cli("work-pool", "create", "diffrep-process", "--type", "process", cwd=proj, api_url=prefect_server)
+    prefect_cli("--no-prompt", "deploy", "-n", "retrain", cwd=proj, api_url=prefect_server)
 
     async def read():
         async with get_client() as client:

@@ -140,18 +140,6 @@ stages:
 PARAMS = "seed: 0\ntrain: {lr: 0.1, steps: 3}\n"
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 @pytest.fixture
 def fake_repo(tmp_path):
     root = tmp_path / "f"

@@ -89,22 +89,6 @@ def make_project(root: Path, dvc_yaml: str, params: str = "seed: 0\n") -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """One temporary Prefect server for the module (it takes 10-30 s to start on 2 cores)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
-        mp.setenv("DVC_NO_ANALYTICS", "1")
-        mp.setenv("DVC_SITE_CACHE_DIR", str(tmp_path_factory.mktemp("dvc-site")))
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def read_artifacts(flow_run_id):
     import asyncio
 

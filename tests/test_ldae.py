@@ -142,10 +142,20 @@ def test_attention_backends_agree_through_vit():
 
 
 def test_features_shape_and_determinism():
-    m, x = model(), images(6, seed=6)
+    m, x = model(feature_pool="mean"), images(6, seed=6)
     f = m.features(x)
     assert f.shape == (6, 32)
     assert torch.equal(f, m.features(x))
+    tokens = m.encoder_tokens(x)  # (6, 4, 32): four 4x4 patches of an 8x8 image
+    torch.testing.assert_close(f, tokens.mean(1))
+
+
+def test_flatten_pool_keeps_the_token_layout():
+    m, x = model(feature_pool="flatten"), images(6, seed=6)
+    tokens = m.encoder_tokens(x)
+    f = m.features(x)
+    assert f.shape == (6, 4 * 32)
+    assert torch.equal(f.reshape(6, 4, 32), tokens)  # token-major: feature block i is token i
 
 
 def test_bad_pca_dim():
@@ -179,18 +189,18 @@ def test_stage_end_to_end_and_artifact_round_trip(prepared_digits, tmp_path, mon
 
     root, _ = prepared_digits
     shutil.copytree(root / "data", tmp_path / "data")
-    monkeypatch.setitem(artifact.MODULES, "ldae", "diffrep.models.ldae")  # until artifact.MODULES lists it
     cfg = parse_config({"seed": 0, "data": {"source": "digits", "image_size": 8}, "runtime": {"device": "cpu"},
-                        "ldae": {"pca_dim": 4, "pca_fit_patches": 1000, "vit": {"dim": 32, "depth": 2, "heads": 2},
+                        "ldae": {"pca_dim": 4, "pca_fit_patches": 1000, "vit": {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2},
                                  "train": {"steps": 12, "batch_size": 32, "ckpt_every": 6, "log_every": 4}}}, "test")
     metrics = run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "metrics/ldae.json").read_text())
-    for key in ("final_loss", "images_per_s", "knn_features", "knn_raw_pixels", "knn_random_init", "wall_s", "lineage"):
+    for key in ("final_loss", "images_per_s", "knn_features", "knn_features_mean_pool", "knn_features_flatten",
+                "knn_raw_pixels", "knn_random_init", "wall_s", "lineage"):
         assert key in on_disk, key
-    assert on_disk["steps"] == 12 and metrics["feature_dim"] == 32
+    assert on_disk["steps"] == 12 and metrics["feature_dim"] == 4 * 32  # flattened: 4 tokens of 32
     assert (tmp_path / "models/ldae/grid.png").is_file()
     assert (tmp_path / "metrics/ldae_loss.tsv").is_file()
     loaded = artifact.load_model(tmp_path / "models/ldae", "ldae")
     assert bool(loaded.tokenizer.fitted)
     x = load_prepared(tmp_path / "data/prepared").images_float("test")[:5]
-    assert loaded.features(x).shape == (5, 32) and torch.isfinite(loaded.features(x)).all()
+    assert loaded.features(x).shape == (5, 4 * 32) and torch.isfinite(loaded.features(x)).all()

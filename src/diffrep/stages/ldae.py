@@ -3,7 +3,8 @@
 Writes models/ldae/ (weights with the fitted tokenizer as buffers, resolved config,
 grid.png: noisy input | prediction | clean, one test image per row, noise rising
 down the rows) and metrics/ldae.json: final loss, img/s, wall time, and on the
-test split kNN and linear-probe accuracy of the pooled encoder tokens, beside the
+test split kNN and linear-probe accuracy of the encoder tokens (pooled as
+`ldae.feature_pool` says; kNN of both poolings), beside the
 same two on raw pixels at the same resolution and the kNN of a random-init
 (untrained) network on the same tokenizer, all computed in this run; plus lineage.
 """
@@ -62,18 +63,28 @@ def run(cfg: Config, root: Path) -> dict | None:
         ema, dev = result.ema, ctx.runtime.device
         train_y, test_y = torch.from_numpy(prep.labels("train")), torch.from_numpy(prep.labels("test"))
         k = prep.num_classes
-        f_train, f_test = batched(ema.features, train_x, device=dev), batched(ema.features, test_x, device=dev)
-        r_train = batched(random_init.to(dev).features, train_x, device=dev)
-        r_test = batched(random_init.features, test_x, device=dev)
+        t_train, t_test = batched(ema.encoder_tokens, train_x, device=dev), batched(ema.encoder_tokens, test_x, device=dev)
+        random_init.to(dev)
+        r_train, r_test = batched(random_init.features, train_x, device=dev), batched(random_init.features, test_x, device=dev)
+        pool = cfg.ldae.feature_pool
+        f_train, f_test = Ldae.pool(t_train, pool), Ldae.pool(t_test, pool)
+
+        def knn(a: torch.Tensor, b: torch.Tensor) -> float:
+            return knn_accuracy(a, train_y, b, test_y, k)
+
         metrics = {
             "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
             "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
-            "knn_features": knn_accuracy(f_train, train_y, f_test, test_y, k),
+            "feature_pool": pool,
+            "knn_features": knn(f_train, f_test),
             "linear_probe_features": linear_probe(f_train, train_y, f_test, test_y, k, seed=cfg.seed),
-            "knn_raw_pixels": knn_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k),
+            # both poolings, whichever is configured: the paper's mean pool discards the token layout
+            "knn_features_mean_pool": knn(Ldae.pool(t_train, "mean"), Ldae.pool(t_test, "mean")),
+            "knn_features_flatten": knn(Ldae.pool(t_train, "flatten"), Ldae.pool(t_test, "flatten")),
+            "knn_raw_pixels": knn(train_x.flatten(1), test_x.flatten(1)),
             "linear_probe_raw_pixels": linear_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k,
                                                     seed=cfg.seed),
-            "knn_random_init": knn_accuracy(r_train, train_y, r_test, test_y, k),
+            "knn_random_init": knn(r_train, r_test),
             "feature_dim": int(f_train.shape[1]),
         }
         grid = grid_images(ema, test_x[:GRID_ROWS].to(dev), cfg.seed)
