@@ -1,6 +1,6 @@
 """Training throughput, FLOPs per step and a profile, through the pipeline's own Trainer step.
 
-Each step is `Trainer._step`: batch gather from the data dict, BatchRNG, autocast,
+Each step is `Trainer.train_step`: batch gather from the data dict, BatchRNG, autocast,
 model.forward(batch, rng), backward, grad clipping, the NaN guard's one sync,
 AdamW, LR schedule and EMA update - everything a `dvc repro` step pays except
 logging and checkpoints (which the stages do once per log_every / ckpt_every).
@@ -97,12 +97,12 @@ def bench_train(spec: ModelSpec, runtime: Runtime, *, steps: int, warmup: int, m
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
         for i in range(warmup):  # first steps: allocator, thread pool, autotuning, torch.compile
-            trainer._step(i, False)
+            trainer.train_step(i)
         times = []
         for i in range(warmup, warmup + steps):
             _sync(runtime)
             t = time.perf_counter()
-            trainer._step(i, False)
+            trainer.train_step(i)
             _sync(runtime)
             times.append(time.perf_counter() - t)
         flops = flops_per_step if flops_per_step is not None else count_flops(trainer, warmup + steps)
@@ -139,10 +139,10 @@ def profile_train(spec: ModelSpec, runtime: Runtime, *, steps: int = 3, warmup: 
         trainer = make_trainer(spec, runtime, Path(ckpt))
         trainer.model.train()
         for i in range(warmup):
-            trainer._step(i, False)
+            trainer.train_step(i)
         with profile(activities=acts) as prof:
             for i in range(warmup, warmup + steps):
-                trainer._step(i, False)
+                trainer.train_step(i)
             _sync(runtime)
     avgs = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in avgs) or 1.0

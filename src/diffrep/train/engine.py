@@ -194,8 +194,8 @@ class Trainer:
         norms = [p.grad.detach().norm(2) for p in self.params if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.rt.device)
 
-    def _step(self, step: int, over_budget: bool) -> tuple[list[float], float, bool]:
-        """One update. Returns (global-mean [loss, *terms, grad_norm], lr used, any rank over budget)."""
+    def train_step(self, step: int, over_budget: bool = False) -> tuple[list[float], float, bool]:
+        """One update (also what bench/ times). Returns (global-mean [loss, *terms, grad_norm], lr, any rank over budget)."""
         batch, rng = self._batch(step)
         with self.rt.autocast():
             loss, terms = self.net(batch, rng)
@@ -337,7 +337,7 @@ class Trainer:
             while step < self.cfg.steps:
                 t = time.perf_counter()
                 over = self.cfg.time_budget_s > 0 and t - t0 >= self.cfg.time_budget_s
-                stats, lr, any_over = self._step(step, over)
+                stats, lr, any_over = self.train_step(step, over)
                 step += 1
                 self._record(step, stats, lr, time.perf_counter() - t)
                 if self.pbar is not None:
