@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench clean-cache help
+.PHONY: setup pipeline test bench exps clean-cache help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,10 @@ test: setup  ## run the test suite
 
 bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# DVC shows every key of every metrics file; the lineage blocks and per-seed details hide the headline numbers.
+exps: setup  ## compare DVC experiments: headline metrics and params, lineage columns hidden
+	$(BIN)/dvc exp show --no-pager --drop '.*lineage.*|.*last_terms.*|.*representations.*|.*seconds.*|.*runs.*'
 
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs
