@@ -38,9 +38,10 @@ test: setup  ## run the test suite
 bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# DVC shows every key of every metrics file; the lineage blocks and per-seed details hide the headline numbers.
-exps: setup  ## compare DVC experiments: headline metrics and params, lineage columns hidden
-	$(BIN)/dvc exp show --no-pager --drop '.*lineage.*|.*last_terms.*|.*representations.*|.*seconds.*|.*runs.*'
+# DVC shows every key and every param as a column; keep the headline metrics and the params people sweep.
+EXPS_KEEP := Experiment|Created|probe_soda$$|probe_ul$$|probe_ldae$$|fd_featnet$$|fd_featnet_ratio|test_bits_per_pixel|metrics/ul_stage1.json:recon_psnr|knn_features$$|data.source|ul.stage1.loss_factor|ul.stage1.logsnr_z0|ldae.noise_space|ldae.pca_dim
+exps: setup  ## compare DVC experiments (headline columns); EXPS_ARGS="-A" for experiments of every commit
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXPS_KEEP)' $(EXPS_ARGS)
 
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs
