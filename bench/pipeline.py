@@ -52,32 +52,11 @@ class PipelineResult:
     note: str = "stages run one by one (dvc repro --single-item -f) in DAG order in a fresh clone of HEAD"
 
 
-def _produces(spec: dict) -> list[str]:
-    paths = []
-    for key in ("outs", "metrics", "plots"):
-        for item in spec.get(key, []) or []:
-            paths.append(next(iter(item)) if isinstance(item, dict) else item)
-    return paths
-
-
-def _under(dep: str, out: str) -> bool:
-    return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/")
-
-
 def dag_order(dvc_yaml: Path) -> list[str]:
-    """Stage names in an order where every stage comes after the stages producing its deps (file order breaks ties)."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    outs = {name: _produces(spec) for name, spec in stages.items()}
-    needs = {name: {other for dep in spec.get("deps", []) or [] for other, paths in outs.items()
-                    if other != name and any(_under(dep, p) for p in paths)}
-             for name, spec in stages.items()}
-    order: list[str] = []
-    while len(order) < len(stages):
-        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
-        if not ready:
-            raise ValueError(f"{dvc_yaml}: the stage graph has a cycle among {sorted(set(stages) - set(order))}")
-        order.append(ready[0])
-    return order
+    """Stage names in DAG order: the pipeline flow's own ordering, so the two never disagree."""
+    from flows.pipeline import stage_order  # lazy: imports Prefect
+
+    return stage_order(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, log) -> tuple[float, float, int]:
