@@ -56,7 +56,7 @@ def build(name: str, cfg: Config, shape: tuple[int, int, int]) -> ModelSpec:
     from diffrep.models.soda import Soda
     from diffrep.models.ul import UlBase, UnifiedLatents
 
-    torch.manual_seed(cfg.seed)  # runner.begin seeds the global RNG before the model is built
+    torch.manual_seed(cfg.seed)  # runner.stage seeds the global RNG before the model is built
     if name == "soda":
         t = cfg.soda.train
         return ModelSpec(name, Soda(cfg.soda, shape), t, {"images": synthetic_images(n_items(t.batch_size), shape)},

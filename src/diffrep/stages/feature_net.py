@@ -29,8 +29,7 @@ def accuracy(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, device) -> float
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("feature_net", cfg, root)
-    try:
+    with runner.stage("feature_net", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
         train_x, test_x = prep.images_float("train"), prep.images_float("test")
         train_y, test_y = torch.from_numpy(prep.labels("train")), torch.from_numpy(prep.labels("test"))
@@ -47,15 +46,8 @@ def run(cfg: Config, root: Path) -> dict | None:
             "train_accuracy": accuracy(ema, train_x, train_y, dev),
             "feature_dim": ema.num_features,
             "num_classes": prep.num_classes,
-            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
-            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
-        }
+        } | runner.training_metrics(result)
         with atomic_dir(ctx.path(OUT)) as tmp:
             save_model(tmp, ema, kind=KIND, section=to_dict(cfg.feature_net), image_shape=prep.image_shape,
                        extra={"num_classes": prep.num_classes}, full_config=to_dict(cfg))
-        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
-                            outputs=[ctx.path(OUT), ctx.path("metrics/feature_net_loss.tsv")])
-        runner.discard_checkpoints(ckpt_dir)
-        return out
-    finally:
-        runner.end(ctx)
+        return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)

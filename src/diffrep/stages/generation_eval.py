@@ -95,8 +95,7 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
 def run(cfg: Config, root: Path) -> dict | None:
     from diffrep.sample import sample_ul
 
-    ctx = runner.begin("generation_eval", cfg, root)
-    try:
+    with runner.stage("generation_eval", cfg, root) as ctx:
         if not ctx.is_main:
             return None
         e, dev, seconds = cfg.eval, ctx.runtime.device, {}
@@ -204,5 +203,3 @@ def run(cfg: Config, root: Path) -> dict | None:
         m["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
         params = runner.section_params(cfg, "eval")
         return runner.finish(ctx, m, params=params, inputs=inputs, outputs=[ctx.path(OUT)])
-    finally:
-        runner.end(ctx)

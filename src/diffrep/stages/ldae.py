@@ -40,8 +40,7 @@ def grid_images(model: Ldae, x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("ldae", cfg, root)
-    try:
+    with runner.stage("ldae", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
         train_x = prep.images_float("train")  # (N, C, H, W) in [-1, 1]
         model = Ldae(cfg.ldae, prep.image_shape)
@@ -72,9 +71,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         def knn(a: torch.Tensor, b: torch.Tensor) -> float:
             return knn_accuracy(a, train_y, b, test_y, k)
 
-        metrics = {
-            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
-            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
+        metrics = runner.training_metrics(result) | {
             "feature_pool": pool,
             "knn_features": knn(f_train, f_test),
             "linear_probe_features": linear_probe(f_train, train_y, f_test, test_y, k, seed=cfg.seed),
@@ -92,9 +89,4 @@ def run(cfg: Config, root: Path) -> dict | None:
             save_model(tmp, ema, kind="ldae", section=to_dict(cfg.ldae), image_shape=prep.image_shape,
                        full_config=to_dict(cfg))
             save_grid(tmp / "grid.png", grid, ncol=3)
-        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
-                            outputs=[ctx.path(OUT), ctx.path("metrics/ldae_loss.tsv")])
-        runner.discard_checkpoints(ckpt_dir)
-        return out
-    finally:
-        runner.end(ctx)
+        return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)

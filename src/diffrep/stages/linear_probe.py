@@ -128,8 +128,7 @@ def bar_chart(path: Path, rows: list[tuple[str, float, float, str]], title: str)
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("linear_probe", cfg, root)
-    try:
+    with runner.stage("linear_probe", cfg, root) as ctx:
         if not ctx.is_main:
             return None
         dev, p = ctx.runtime.device, cfg.probe
@@ -202,5 +201,3 @@ def run(cfg: Config, root: Path) -> dict | None:
         params = runner.section_params(cfg, "probe")
         return runner.finish(ctx, metrics, params=params, inputs=inputs,
                              outputs=[ctx.path(BARS), ctx.path(OUT)])
-    finally:
-        runner.end(ctx)

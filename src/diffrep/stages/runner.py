@@ -1,8 +1,9 @@
 """What every training stage shares, so each stage file only says what is its own.
 
-    ctx = begin("soda", cfg, root)                  # runtime, DDP, seeds, clock
-    result = train(ctx, model, section.train, data, fingerprint_inputs=[...], params=...)
-    if ctx.is_main: ... evaluate, save_model(...), finish(ctx, metrics, ...)
+    with stage("soda", cfg, root) as ctx:            # runtime, DDP, seeds, clock; DDP torn down after
+        result, ckpt_dir = train(ctx, model, section.train, data, params=..., inputs=[...])
+        if ctx.is_main:                              # evaluate, save_model(...), then
+            finish_training(ctx, training_metrics(result) | own_metrics, ...)
 
 Resume checkpoints live under `.cache/checkpoints/<stage>-<fingerprint>/`,
 outside the stage outputs (DVC deletes those before re-running a stage) and
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -48,15 +50,16 @@ class StageContext:
         return time.perf_counter() - self.t0
 
 
-def begin(name: str, cfg: Config, root: Path) -> StageContext:
+@contextmanager
+def stage(name: str, cfg: Config, root: Path) -> Iterator[StageContext]:
+    """Set up the runtime (device, threads, DDP), seed, start the clock; tear DDP down however the stage ends."""
     dist = setup_distributed(cfg.runtime.device)
-    runtime = resolve_runtime(cfg.runtime)
-    torch.manual_seed(cfg.seed)
-    return StageContext(name, cfg, Path(root), runtime, dist, now_utc(), time.perf_counter())
-
-
-def end(ctx: StageContext) -> None:
-    teardown_distributed()
+    try:
+        runtime = resolve_runtime(cfg.runtime)
+        torch.manual_seed(cfg.seed)
+        yield StageContext(name, cfg, Path(root), runtime, dist, now_utc(), time.perf_counter())
+    finally:
+        teardown_distributed()
 
 
 def fingerprint(ctx: StageContext, params: dict[str, Any], inputs: Iterable[Path]) -> str:
@@ -100,6 +103,21 @@ def finish(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any]
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(f"[{ctx.name}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()))
     return metrics
+
+
+def training_metrics(result, rate_key: str = "images_per_s") -> dict[str, Any]:
+    """The engine's own numbers, reported by every trained stage under the same names."""
+    return {"final_loss": result.final_loss, "steps": result.steps_done, rate_key: result.images_per_s,
+            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early}
+
+
+def finish_training(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any], inputs: Iterable[Path],
+                    out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
+    """finish() for a trained stage (outputs: its model folder and loss curve), then drop the resume state."""
+    out = finish(ctx, metrics, params=params, inputs=inputs,
+                 outputs=[ctx.path(out_dir), ctx.path(f"metrics/{ctx.name}_loss.tsv")])
+    discard_checkpoints(ckpt_dir)
+    return out
 
 
 def section_params(cfg: Config, *sections: str) -> dict[str, Any]:

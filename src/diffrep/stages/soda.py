@@ -86,8 +86,7 @@ def evaluate(model: Soda, prep: Prepared, cfg: Config, device) -> tuple[dict, to
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("soda", cfg, root)
-    try:
+    with runner.stage("soda", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
         data, pose_dim = training_data(prep)
         model = Soda(cfg.soda, prep.image_shape, pose_dim=pose_dim)
@@ -111,13 +110,5 @@ def run(cfg: Config, root: Path) -> dict | None:
             save_model(tmp, ema, kind="soda", section=to_dict(cfg.soda), image_shape=prep.image_shape,
                        extra={"pose_dim": pose_dim}, full_config=to_dict(cfg))
             save_grid(tmp / "grid.png", grid, ncol=ncol)
-        metrics = {
-            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
-            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early, **metrics,
-        }
-        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
-                            outputs=[ctx.path(OUT), ctx.path("metrics/soda_loss.tsv")])
-        runner.discard_checkpoints(ckpt_dir)
-        return out
-    finally:
-        runner.end(ctx)
+        metrics = runner.training_metrics(result) | metrics
+        return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)

@@ -63,8 +63,7 @@ def evaluate(model: UnifiedLatents, x: torch.Tensor, seed: int, device) -> tuple
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("ul_stage1", cfg, root)
-    try:
+    with runner.stage("ul_stage1", cfg, root) as ctx:
         s = cfg.ul.stage1
         prep = load_prepared(ctx.path(PREPARED))
         data = {"images": prep.images_float("train")}
@@ -88,15 +87,6 @@ def run(cfg: Config, root: Path) -> dict | None:
             save_model(tmp, ema, kind="ul_stage1", section=to_dict(s), image_shape=prep.image_shape,
                        full_config=to_dict(cfg))
             save_grid(tmp / "recon.png", grid, ncol=8)  # 4 (image, reconstruction) pairs per row
-        metrics = {
-            "final_loss": result.final_loss, "steps": result.steps_done, "images_per_s": result.images_per_s,
-            "train_s": round(result.wall_s, 1), "stopped_early": result.stopped_early,
-            "loss_factor": s.loss_factor, "logsnr_z0": s.logsnr_z0, **metrics,
-            "last_terms": result.last_terms,
-        }
-        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
-                            outputs=[ctx.path(OUT), ctx.path("metrics/ul_stage1_loss.tsv")])
-        runner.discard_checkpoints(ckpt_dir)
-        return out
-    finally:
-        runner.end(ctx)
+        metrics = runner.training_metrics(result) | {"loss_factor": s.loss_factor, "logsnr_z0": s.logsnr_z0,
+                                                     **metrics, "last_terms": result.last_terms}
+        return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)

@@ -37,8 +37,7 @@ def held_out_loss(base: UlBase, latents: torch.Tensor, seed: int, device, batch_
 
 
 def run(cfg: Config, root: Path) -> dict | None:
-    ctx = runner.begin("ul_stage2", cfg, root)
-    try:
+    with runner.stage("ul_stage2", cfg, root) as ctx:
         s = cfg.ul.stage2
         dev = ctx.runtime.device
         prep = load_prepared(ctx.path(PREPARED))
@@ -62,15 +61,8 @@ def run(cfg: Config, root: Path) -> dict | None:
             save_model(tmp, ema, kind="ul_stage2", section=to_dict(s), image_shape=stage1.latent_shape,
                        extra={"logsnr_z0": stage1.cfg.logsnr_z0}, full_config=to_dict(cfg))
             save_grid(tmp / "samples.png", samples, ncol=8)
-        metrics = {
-            "final_loss": result.final_loss, "test_loss": held_out_loss(ema, test_latents, cfg.seed, dev),
-            "steps": result.steps_done, "latents_per_s": result.images_per_s, "train_s": round(result.wall_s, 1),
-            "stopped_early": result.stopped_early, "latent_shape": list(stage1.latent_shape),
-            "logsnr_z0": stage1.cfg.logsnr_z0,
+        metrics = runner.training_metrics(result, rate_key="latents_per_s") | {
+            "test_loss": held_out_loss(ema, test_latents, cfg.seed, dev),
+            "latent_shape": list(stage1.latent_shape), "logsnr_z0": stage1.cfg.logsnr_z0,
         }
-        out = runner.finish(ctx, metrics, params=params, inputs=inputs,
-                            outputs=[ctx.path(OUT), ctx.path("metrics/ul_stage2_loss.tsv")])
-        runner.discard_checkpoints(ckpt_dir)
-        return out
-    finally:
-        runner.end(ctx)
+        return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)
