@@ -15,9 +15,7 @@ dvc itself failing).
 """
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from diffrep.dvc_folder import changed_files
 from diffrep.io import ArtifactError, path_hash
 
 EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
@@ -141,61 +140,6 @@ class Project:
         return fallback if (self.root / fallback).is_file() else None
 
 
-# ---------------------------------------------------------------- which files inside a folder changed
-def dvc_cache_dir(root: Path) -> Path:
-    """The local DVC cache: `[cache] dir` of .dvc/config(.local) (relative to .dvc/), else .dvc/cache."""
-    cfg = configparser.ConfigParser()
-    cfg.read([root / ".dvc/config", root / ".dvc/config.local"])  # missing files are skipped
-    d = cfg.get("cache", "dir", fallback=None)
-    return (root / ".dvc" / d).resolve() if d else root / ".dvc/cache"
-
-
-def _dir_manifest(root: Path, md5: str) -> dict[str, str] | None:
-    """DVC's listing of a folder ({relpath: md5}) from the cache object `<md5>.dir`; None when not cached."""
-    cache = dvc_cache_dir(root)
-    for base in (cache / "files/md5", cache):  # DVC 3 layout, then DVC 2's
-        obj = base / md5[:2] / md5[2:]
-        if obj.is_file():
-            try:
-                return {e["relpath"]: e["md5"] for e in json.loads(obj.read_text())}
-            except (ValueError, KeyError, TypeError):
-                return None
-    return None
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def changed_files(proj: "Project", rel: str, limit: int = 10) -> str | None:
-    """For a folder tracked by DVC: which files in it differ from dvc.lock's listing, e.g.
-    "modified: model.pt; added: x.npy". None when `rel` is not a cached DVC folder output."""
-    md5 = next((o.get("md5") for e in (proj.lock or {}).values() for o in e.get("outs", [])
-                if _norm(o["path"]) == rel), None)
-    folder = proj.root / rel
-    if not md5 or not md5.endswith(".dir") or not folder.is_dir():
-        return None
-    recorded = _dir_manifest(proj.root, md5)
-    if recorded is None:
-        return None
-    now = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
-    kinds = {
-        "modified": [r for r in recorded if r in now and _md5(now[r]) != recorded[r]],
-        "added": [r for r in now if r not in recorded],
-        "deleted": [r for r in recorded if r not in now],
-    }
-    parts = []
-    for kind, names in kinds.items():
-        if names:
-            more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-            parts.append(f"{kind}: {', '.join(sorted(names)[:limit])}{more}")
-    return "; ".join(parts) or None
-
-
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         return None
@@ -268,7 +212,7 @@ def check_stage(proj: Project, stage: str, metrics_rel: str | None, key: str | N
                 if a.status == "MISSING":
                     link.problems.append(f"{role}put {rel} MISSING (recorded {recorded[:12]})")
                 elif a.status == "CHANGED":
-                    inside = changed_files(proj, rel)  # name the files, not only the folder
+                    inside = changed_files(proj.root, proj.lock, rel)  # name the files, not only the folder
                     link.problems.append(f"{role}put {rel} CHANGED (recorded {recorded[:12]}, now {a.current[:12]})"
                                          + (f": {inside}" if inside else ""))
         link.git = lin.get("git") or {}

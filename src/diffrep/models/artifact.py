@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from diffrep.io import ArtifactError, load_torch, save_torch, write_json
@@ -50,8 +51,13 @@ def save_model(out_dir: Path, module: nn.Module, *, kind: str, section: dict, im
     return out_dir / FILE
 
 
-def load_model(path: str | Path, kind: str) -> nn.Module:
-    """Rebuild a trained model from its folder (or its model.pt) and load the weights (eval mode)."""
+def load_model(path: str | Path, kind: str, init_seed: int | None = None) -> nn.Module:
+    """Rebuild a trained model from its folder (or its model.pt) and load the weights (eval mode).
+
+    With `init_seed`, a fresh init of the same architecture instead (the random-init baseline): it
+    keeps the artifact's buffers (never learned by gradient descent, e.g. a fitted tokenizer) and
+    draws its parameters from `init_seed`, independently of the global RNG.
+    """
     path = Path(path)
     file = path / FILE if path.is_dir() else path
     payload = load_torch(file)
@@ -65,9 +71,14 @@ def load_model(path: str | Path, kind: str) -> nn.Module:
     if got != kind:
         raise ArtifactError(f"{file}: holds a {got!r} model, expected {kind!r}")
     importlib.import_module(MODULES[kind])
-    module = _BUILDERS[kind](section, image_shape, extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if init_seed is None else init_seed)
+        module = _BUILDERS[kind](section, image_shape, extra)
+    if init_seed is not None:
+        buffers = {n for n, _ in module.named_buffers()}
+        state = {k: v for k, v in state.items() if k in buffers}
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(state, strict=init_seed is None)
     except RuntimeError as e:
         raise ArtifactError(f"{file}: weights do not fit the {kind} model its config describes ({e}); "
                             "the file was changed after it was written: re-run its stage") from None

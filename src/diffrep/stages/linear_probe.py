@@ -20,8 +20,6 @@ bar_horizontal) and results/linear_probe/probe_bars.png.
 """
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +30,9 @@ from diffrep.config import Config
 from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched
 from diffrep.eval.probe import ProbeConfig, knn_accuracy, linear_probe
-from diffrep.io import ArtifactError, atomic_dir, load_torch, write_text
+from diffrep.io import atomic_dir, write_text
 from diffrep.models import artifact
+from diffrep.models.artifact import load_model
 from diffrep.nn import set_attention_backend
 from diffrep.stages import runner
 from diffrep.train.rng import derive_seed
@@ -50,30 +49,8 @@ ENCODERS = {
 
 
 def build_encoder(folder: Path, kind: str, init_seed: int | None = None) -> nn.Module:
-    """The trained model of an artifact folder, or (init_seed given) a fresh init of the same architecture.
-
-    The fresh model keeps the artifact's buffers (never learned by gradient descent, e.g. a fitted
-    tokenizer) and draws its parameters from `init_seed`, independently of the global RNG.
-    """
-    file = folder / artifact.FILE
-    payload = load_torch(file)
-    try:
-        got, image_shape = payload["kind"], tuple(payload["image_shape"])
-        section, extra, state = json.loads(payload["section"]), json.loads(payload["extra"]), payload["state_dict"]
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: not a diffrep model artifact (missing {e}); "
-                            "re-run the stage that makes it") from None
-    if got != kind:
-        raise ArtifactError(f"{file}: holds a {got!r} model, expected {kind!r}")
-    importlib.import_module(artifact.MODULES[kind])  # registers the builder
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0 if init_seed is None else init_seed)
-        net = artifact._BUILDERS[kind](section, image_shape, extra)
-    if init_seed is not None:
-        buffers = {n for n, _ in net.named_buffers()}
-        state = {k: v for k, v in state.items() if k in buffers}
-    net.load_state_dict(state, strict=init_seed is None)
-    return net.eval().requires_grad_(False)
+    """The trained model of an artifact folder, or (init_seed given) a fresh init of the same architecture."""
+    return load_model(folder, kind, init_seed=init_seed).requires_grad_(False)
 
 
 def pca_features(train: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
