@@ -86,6 +86,18 @@ def test_noise_confined_to_top_d_in_latent_mode():
     assert m.tokenizer.encode(clean_in)[..., 4:].abs().max() < 1e-4
 
 
+def test_unstandardised_latent_noise_is_sigma_eps_in_orthonormal_coords():
+    m, x = model(noise_space="latent", standardize=False), images(8, seed=2)
+    torch.testing.assert_close(m.tokenizer.std, torch.ones(16))
+    torch.testing.assert_close(m.tokenizer.encode(x), m.tokenizer.coords(x))  # the natural scale
+    c = coords_of_noise(m, x, 0.5)
+    eps = patchify(torch.randn(x.shape, generator=torch.Generator().manual_seed(3)), 4)[..., :4]
+    torch.testing.assert_close(c[..., :4], 0.5 * eps, atol=1e-4, rtol=1e-4)  # same sigma for every component
+    assert c[..., 4:].abs().max() < 1e-5
+    z = m.tokenizer.encode(x)
+    torch.testing.assert_close(m.tokenizer.decode(z, SHAPE), x, atol=1e-5, rtol=0)  # still exact at full rank
+
+
 def test_noise_everywhere_in_pixel_mode():
     m, x = model(noise_space="pixel"), images(8, seed=2)
     c = coords_of_noise(m, x, 1.0)

@@ -185,6 +185,9 @@ class LdaeConfig(Section):
     noise_space: Literal["latent", "pixel"] = "latent"  # the paper's ablation
     pca_dim: int = Field(16, ge=1)  # d: noise goes into the top-d PCA components
     pca_fit_patches: int = Field(20000, ge=100)
+    # true: every coefficient scaled to unit variance, so sigma noises all top-d components alike;
+    # false: the natural (orthonormal) scale, so the noise drowns low-variance detail before coarse structure
+    standardize: bool = True
     rest_weight: float = Field(0.1, ge=0)  # loss weight on components beyond d
     sigma_max: float = Field(1.4142135623730951, gt=0)  # sigma_t linear from 0 to sqrt(2)
     feature_logsnr: float = 10.0  # the small fixed noise level used for probe features

@@ -69,7 +69,7 @@ class Ldae(nn.Module):
     def fit_tokenizer(self, images: torch.Tensor, seed: int = 0) -> None:
         """Fit the patch PCA on training images (N, C, H, W) in [-1, 1]."""
         g = torch.Generator().manual_seed(seed)
-        self.tokenizer.fit_(images.cpu(), self.cfg.pca_fit_patches, generator=g)
+        self.tokenizer.fit_(images.cpu(), self.cfg.pca_fit_patches, generator=g, standardize=self.cfg.standardize)
 
     def noisy_input(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Clean x (B, C, H, W), sigma (B,), eps (B, C, H, W) ~ N(0, I) -> the network input (B, C, H, W)."""

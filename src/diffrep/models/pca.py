@@ -9,7 +9,8 @@ Two coordinate systems, both batched over all patches at once:
   coords(x)  = (patch - mean) @ V^T            orthonormal: a rotation of the centred patch,
                                                so squared norms equal pixel squared errors
   encode(x)  = coords(x) / s                   *standardised*: every coefficient has unit
-                                               variance on the fitting patches (the tokenizer's latent)
+                                               variance on the fitting patches (the tokenizer's latent;
+                                               s = 1 when fitted with standardize=False)
 decode inverts encode exactly at full rank (V is orthogonal; s is clamped away
 from 0, and the same clamped s multiplies back). Given only the top d
 coefficients, decode sets the rest to 0 (the mean patch): the paper's lossy
@@ -38,8 +39,12 @@ class PatchPCA(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def fit_(self, images: torch.Tensor, n_patches: int, generator: torch.Generator | None = None) -> "PatchPCA":
-        """Fit on `n_patches` grid patches drawn without replacement from `images` (N, C, H, W)."""
+    def fit_(self, images: torch.Tensor, n_patches: int, generator: torch.Generator | None = None,
+             standardize: bool = True) -> "PatchPCA":
+        """Fit on `n_patches` grid patches drawn without replacement from `images` (N, C, H, W).
+
+        standardize=False keeps s = 1: then encode = coords, the latent at its natural scale.
+        """
         if images.dim() != 4 or images.shape[1] != self.channels:
             raise ValueError(f"PatchPCA.fit_: expected images (N, {self.channels}, H, W), got {tuple(images.shape)}")
         patches = patchify(images.float(), self.patch_size).reshape(-1, self.dim)  # (N*n, D)
@@ -58,7 +63,7 @@ class PatchPCA(nn.Module):
         std = evals.sqrt().clamp_min(1e-6 * max(evals[0].sqrt().item(), 1e-12))  # dead components stay invertible
         self.mean.copy_(mean.float())
         self.basis.copy_(evecs.T.float())
-        self.std.copy_(std.float())
+        self.std.copy_(std.float() if standardize else torch.ones_like(self.std))
         self.fitted.fill_(True)
         return self
 
