@@ -251,3 +251,35 @@ def test_report_without_metrics_says_what_to_do(tmp_path):
 
     with pytest.raises(ArtifactError, match="dvc repro"):
         run(parse_config({}), tmp_path)
+
+
+def test_mcnemar_exact_against_closed_forms():
+    from diffrep.eval.paired import mcnemar_exact
+
+    def vec(bits):
+        return torch.tensor(bits, dtype=torch.bool)
+
+    same = mcnemar_exact(vec([1, 0, 1]), vec([1, 0, 1]))
+    assert same == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    five = mcnemar_exact(vec([1] * 5 + [0] * 3), vec([0] * 5 + [0] * 3))  # a right on 5 images b misses
+    assert (five["a_only"], five["b_only"]) == (5, 0) and five["p_value"] == pytest.approx(2 / 32)
+    tie = mcnemar_exact(vec([1] * 10 + [0] * 10), vec([0] * 10 + [1] * 10))
+    assert tie["p_value"] == 1.0
+    # 9 vs 2 discordant: 2 * P(Bin(11, 1/2) <= 2) = 2 * (1 + 11 + 55) / 2048
+    nine = mcnemar_exact(vec([1] * 9 + [0] * 2), vec([0] * 9 + [1] * 2))
+    assert nine["p_value"] == pytest.approx(2 * 67 / 2048)
+    with pytest.raises(ValueError, match="correctness"):
+        mcnemar_exact(vec([1, 0]), vec([1, 0, 1]))
+
+
+def test_knn_predict_agrees_with_knn_accuracy():
+    from diffrep.eval.probe import knn_accuracy, knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    train_y, test_y = torch.arange(60) % 3, torch.arange(30) % 3
+    centres = torch.randn(3, 8, generator=g) * 3
+    train_x = centres[train_y] + torch.randn(60, 8, generator=g)
+    test_x = centres[test_y] + torch.randn(30, 8, generator=g)
+    pred = knn_predict(train_x, train_y, test_x, 3, k=5)
+    assert pred.shape == (30,)
+    assert (pred == test_y).float().mean().item() == knn_accuracy(train_x, train_y, test_x, test_y, 3, k=5)

@@ -62,16 +62,22 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted cosine kNN top-1 accuracy of test features against train features."""
-    _check(train_x, train_y, test_x, test_y)
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted cosine kNN: the predicted class (N_test,) of each test feature."""
     train_n = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train_n))
-    correct = 0
+    preds = []
     for i in range(0, len(test_x), chunk):
         q = F.normalize(test_x[i:i + chunk].float(), dim=1)
         sim, idx = (q @ train_n.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
-    return correct / len(test_x)
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted cosine kNN top-1 accuracy of test features against train features."""
+    _check(train_x, train_y, test_x, test_y)
+    return (knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk) == test_y).float().mean().item()

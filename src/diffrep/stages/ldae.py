@@ -5,7 +5,8 @@ grid.png: noisy input | prediction | clean, one test image per row, noise rising
 down the rows) and metrics/ldae.json: final loss, img/s, wall time, and on the
 test split kNN and linear-probe accuracy of the encoder tokens (pooled as
 `ldae.feature_pool` says; kNN of both poolings), beside the
-same two on raw pixels at the same resolution and the kNN of a random-init
+same two on raw pixels at the same resolution (with an exact McNemar test of the two kNNs
+on the same test images) and the kNN of a random-init
 (untrained) network on the same tokenizer, all computed in this run; plus lineage.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from diffrep.config import Config, to_dict
 from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.eval.probe import knn_accuracy, linear_probe
+from diffrep.eval.paired import mcnemar_exact
+from diffrep.eval.probe import knn_accuracy, knn_predict, linear_probe
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.ldae import Ldae
@@ -71,6 +73,10 @@ def run(cfg: Config, root: Path) -> dict | None:
         def knn(a: torch.Tensor, b: torch.Tensor) -> float:
             return knn_accuracy(a, train_y, b, test_y, k)
 
+        # paired test on the same test images: is the features' kNN really different from raw pixels'?
+        paired = mcnemar_exact(knn_predict(f_train, train_y, f_test, k) == test_y,
+                               knn_predict(train_x.flatten(1), train_y, test_x.flatten(1), k) == test_y)
+
         metrics = runner.training_metrics(result) | {
             "feature_pool": pool,
             "knn_features": knn(f_train, f_test),
@@ -82,6 +88,9 @@ def run(cfg: Config, root: Path) -> dict | None:
             "linear_probe_raw_pixels": linear_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k,
                                                     seed=cfg.seed),
             "knn_random_init": knn(r_train, r_test),
+            # test images only the features get right / only raw pixels get right, and the exact McNemar p
+            "knn_vs_raw_pixels": {"features_only": paired["a_only"], "raw_pixels_only": paired["b_only"],
+                                  "p_value": paired["p_value"]},
             "feature_dim": int(f_train.shape[1]),
         }
         grid = grid_images(ema, test_x[:GRID_ROWS].to(dev), cfg.seed)
