@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from helpers import perturb
+
 import diffrep.nn.attention as attn_mod
 from diffrep.nn import (MultiHeadSelfAttention, ResNetEncoder, SelfAttention2d, UNet, logsnr_to_unit,
                         resolve_backend, set_attention_backend, sinusoidal, xformers_available)
@@ -13,15 +15,6 @@ from diffrep.nn.unet import ResBlock, split_sizes
 TINY = dict(channels=8, groups=4, heads=2)
 
 
-
-
-def perturb(model, std=0.2, seed=0):
-    """Move every weight away from its (partly zero) init so outputs are not trivially zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def n_params(m):

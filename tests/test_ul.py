@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from helpers import perturb
+
 from diffrep.config import DiffusionConfig, EncoderConfig, UlStage1Config, UlStage2Config, UNetConfig
 from diffrep.diffusion import make_schedule
 from diffrep.models.ul import UlBase, UnifiedLatents, generate, latent_noise_level, prior_nats
@@ -21,15 +23,6 @@ TINY1 = UlStage1Config(
 TINY2 = UlStage2Config(base=UNetConfig(channels=8, channel_mult=(1, 2), attn_resolutions=(2,), groups=4, heads=1),
                        diffusion=DiffusionConfig(schedule="cosine", parameterization="v", weighting="sigmoid",
                                                  sample_steps=4))
-
-
-def perturb(model, std=0.1, seed=0):
-    """Move every weight off its (partly zero) init so outputs depend on the inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def images(n=4, seed=0):
@@ -104,7 +97,7 @@ def test_latent_noise_level_is_exact():
 
 
 def test_bits_units_nats_over_ln2_per_pixel():
-    m = perturb(UnifiedLatents(TINY1, IMAGE))
+    m = perturb(UnifiedLatents(TINY1, IMAGE), std=0.1)
     loss, terms = m({"images": images()}, BatchRNG(0, 0, 4))
     H, W = IMAGE[1:]
     assert terms["bits_per_pixel"].item() == pytest.approx(terms["prior_nats"].item() / math.log(2) / (H * W), rel=1e-6)
@@ -122,7 +115,7 @@ def test_bits_units_nats_over_ln2_per_pixel():
 
 
 def test_gradients_reach_the_encoder_through_the_prior_alone():
-    m = perturb(UnifiedLatents(TINY1, IMAGE))
+    m = perturb(UnifiedLatents(TINY1, IMAGE), std=0.1)
     z = m.encoder(images())
     m.rate_nats(z, torch.rand(4), torch.randn(4, *m.latent_shape)).sum().backward()
     enc = [p.grad for p in m.encoder.parameters()]
@@ -132,7 +125,7 @@ def test_gradients_reach_the_encoder_through_the_prior_alone():
 
 # ---------------------------------------------------------------- the decoder weighting
 def test_decoder_weight_is_lossfactor_sigmoid_b_minus_lambda():
-    m = perturb(UnifiedLatents(TINY1, IMAGE))
+    m = perturb(UnifiedLatents(TINY1, IMAGE), std=0.1)
     x = images()
     t = torch.tensor([0.1, 0.4, 0.6, 0.9])
     eps0, eps_z, eps_x = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4), torch.randn(4, *IMAGE)
@@ -177,7 +170,8 @@ def test_stage2_base_trains_on_latents():
 
 # ---------------------------------------------------------------- sampling
 def test_stage2_sampling_shapes_and_determinism():
-    s1, base = perturb(UnifiedLatents(TINY1, IMAGE)).eval(), perturb(UlBase(TINY2, (2, 4, 4), 5.0)).eval()
+    s1 = perturb(UnifiedLatents(TINY1, IMAGE), std=0.1).eval()
+    base = perturb(UlBase(TINY2, (2, 4, 4), 5.0), std=0.1).eval()
     assert base.schedule(torch.tensor(base.t_end, dtype=torch.float64)).item() == pytest.approx(5.0, abs=1e-6)
     a = generate(s1, base, 3, seed=7)
     assert a.shape == (3, *IMAGE) and a.abs().max() <= 1
