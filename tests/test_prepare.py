@@ -33,15 +33,15 @@ def test_prepare_writes_verified_artifacts(prepared_digits, digits_raw):
     assert m["counts"] == {"train": 1438, "test": 359} and sum(m["class_counts"]["test"]) == 359
     for name, digest in m["files"].items():
         assert file_hash(root / "data/prepared" / name) == digest
-    assert prep.train_images.dtype == np.uint8 and prep.train_images.shape == (1438, 1, 8, 8)
+    assert prep.images("train").dtype == np.uint8 and prep.images("train").shape == (1438, 1, 8, 8)
     assert prep.labels("test").dtype == np.int64 and prep.array("train", "poses") is None
     # the arrays are the seeded split of the source, quantised as round(x * 255); images_float maps to [-1, 1]
     split = split_dataset(digits_raw.labels, 0.2, seed=0)
-    assert np.array_equal(prep.train_images, np.rint(digits_raw.images[split.train] * 255).astype(np.uint8))
-    assert np.array_equal(prep.test_labels, digits_raw.labels[split.test])
+    assert np.array_equal(prep.images("train"), np.rint(digits_raw.images[split.train] * 255).astype(np.uint8))
+    assert np.array_equal(prep.labels("test"), digits_raw.labels[split.test])
     x = prep.images_float("train")
     assert x.dtype.is_floating_point and x.min() == -1.0 and x.max() == 1.0
-    assert np.array_equal(np.rint(x.numpy() * 127.5 + 127.5).astype(np.uint8), prep.train_images)
+    assert np.array_equal(np.rint(x.numpy() * 127.5 + 127.5).astype(np.uint8), prep.images("train"))
 
     assert metrics["counts"] == {"train": 1438, "test": 359, "total": 1797}
     assert metrics["validation"] == {"success": True, "n_expectations": 11, "failed": []}
@@ -70,7 +70,7 @@ def test_load_prepared_detects_tampering(prepared_digits, tmp_path):
     np.save(d / "test_labels.npy", arr)
     with pytest.raises(ArtifactError, match=r"test_labels\.npy.*changed.*dvc repro prepare"):
         load_prepared(d)
-    assert load_prepared(d, verify=False).test_labels[0] == arr[0]  # verify=False skips hashing only
+    assert load_prepared(d, verify=False).labels("test")[0] == arr[0]  # verify=False skips hashing only
 
     np.save(d / "test_labels.npy", arr[:-1])  # wrong length, manifest hash updated to match
     m = json.loads((d / "manifest.json").read_text())
@@ -91,9 +91,9 @@ def test_shapes_prepare_keeps_objects_and_poses(tmp_path):
     prepare.run(cfg, tmp_path)
     prep = load_prepared(tmp_path / "data/prepared")
     assert prep.image_shape == (3, 8, 8) and prep.manifest["pose_layout"]
-    tr, te = prep.object_ids("train"), prep.object_ids("test")
+    tr, te = prep.array("train", "object_ids"), prep.array("test", "object_ids")
     assert len(tr) + len(te) == 16 and not set(tr) & set(te)
-    assert prep.poses("test").dtype == np.float32 and prep.factors("train").shape[0] == len(tr)
+    assert prep.array("test", "poses").dtype == np.float32 and prep.array("train", "factors").shape[0] == len(tr)
 
 
 def test_imagefolder_prepare_records_the_folder_hash(tmp_path):

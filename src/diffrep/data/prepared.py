@@ -106,31 +106,6 @@ class Prepared:
         """Any stored array by name ("images", "labels", "factors", "poses", "object_ids"); None if absent."""
         return self.arrays.get(f"{_check_split(split)}_{name}")
 
-    def factors(self, split: str) -> np.ndarray | None:
-        return self.array(split, "factors")
-
-    def poses(self, split: str) -> np.ndarray | None:
-        return self.array(split, "poses")
-
-    def object_ids(self, split: str) -> np.ndarray | None:
-        return self.array(split, "object_ids")
-
-    @property
-    def train_images(self) -> np.ndarray:
-        return self.images("train")
-
-    @property
-    def train_labels(self) -> np.ndarray:
-        return self.labels("train")
-
-    @property
-    def test_images(self) -> np.ndarray:
-        return self.images("test")
-
-    @property
-    def test_labels(self) -> np.ndarray:
-        return self.labels("test")
-
 
 def _check_split(split: str) -> str:
     if split not in SPLITS:

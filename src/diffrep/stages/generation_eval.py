@@ -82,7 +82,7 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
     d = cfg.eval.dci
     train_x, test_x = prep.images_float("train"), prep.images_float("test")
     idx = subset(len(train_x), d.max_train, "dci", cfg.seed)
-    f_tr, f_te = prep.factors("train")[idx.numpy()], prep.factors("test")
+    f_tr, f_te = prep.array("train", "factors")[idx.numpy()], prep.array("test", "factors")
     names = prep.manifest.get("factor_names")
     codes = {name: (batched(fn, train_x[idx], device=device).flatten(1), batched(fn, test_x, device=device).flatten(1))
              for name, fn in encoders.items()}
@@ -181,7 +181,7 @@ def run(cfg: Config, root: Path) -> dict | None:
                       "inception_kid_std": s["kid_inception_std"]}
             seconds["inception"] = time.perf_counter() - t
 
-        if prep.factors("train") is not None:
+        if prep.array("train", "factors") is not None:
             t = time.perf_counter()
             encoders = {}
             if soda is not None:
