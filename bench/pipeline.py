@@ -12,6 +12,8 @@ quality reached at the default budget.
 Peak RSS comes from wait4() on the dvc process: Linux folds the largest
 resident set of any waited-for descendant into it, so it is the largest single
 process of the stage (the stage's Python, or dvc itself if that was larger).
+The wait happens in a small launcher (bench/peak_rss.py): a child forked
+straight from this process would inherit its resident set as a floor.
 """
 from __future__ import annotations
 
@@ -60,12 +62,19 @@ def dag_order(dvc_yaml: Path) -> list[str]:
 
 
 def run_measured(cmd: list[str], cwd: Path, env: dict, log) -> tuple[float, float, int]:
-    """Run cmd -> (wall seconds, peak RSS MiB of its largest process, return code)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child and its waited-for descendants
-    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
-    return time.perf_counter() - t, usage.ru_maxrss / 1024, proc.returncode  # ru_maxrss is in KiB on Linux
+    """Run cmd -> (wall seconds, peak RSS MiB of its largest process, return code).
+
+    Through bench/peak_rss.py, so the peak is not floored at this (large) process's own RSS.
+    """
+    launcher = Path(__file__).with_name("peak_rss.py")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "maxrss"
+        t = time.perf_counter()
+        rc = subprocess.run([sys.executable, str(launcher), str(out), *cmd], cwd=cwd, env=env, stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - t
+        rss_kib = int(out.read_text()) if out.is_file() else 0
+    return wall, rss_kib / 1024, rc
 
 
 def _env(clone: Path, tmp: Path) -> dict:

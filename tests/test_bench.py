@@ -98,6 +98,21 @@ def test_run_measured_reports_the_child_peak_rss(tmp_path):
     assert rc == 0 and wall > 0 and rss > 60
 
 
+def test_run_measured_does_not_inherit_this_process_rss(tmp_path):
+    ballast = bytearray(300 << 20)  # this process now holds 300 MiB more than the child will
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    with open(tmp_path / "log", "w") as log:
+        _, rss, rc = run_measured([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), log)
+    del ballast
+    assert rc == 0 and 0 < rss < 100, f"a bare interpreter measured {rss:.0f} MiB: the parent's memory leaked in"
+
+
+def test_run_measured_passes_the_exit_code(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        _, _, rc = run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, dict(os.environ), log)
+    assert rc == 3
+
+
 def test_read_quality_picks_probe_keys(tmp_path):
     (tmp_path / "linear_probe.json").write_text(json.dumps(
         {"probe_soda_z": 0.95, "probe_soda_z_std": 0.01, "probe_raw_pixels": 0.9, "best_probe": 0.95,

@@ -80,4 +80,5 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                  num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Weighted cosine kNN top-1 accuracy of test features against train features."""
     _check(train_x, train_y, test_x, test_y)
-    return (knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk) == test_y).float().mean().item()
+    correct = (knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk) == test_y).sum().item()
+    return correct / len(test_y)  # an exact fraction, not a float32 one
