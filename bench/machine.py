@@ -67,7 +67,8 @@ class MatmulRate:
     tf32: bool | None = None  # CUDA only: fp32 matmuls may run as TF32 (runtime.resolve_runtime enables it)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so a timer measures the work and not its launch (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -87,11 +88,11 @@ def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
         inner = max(1, int(2e9 // (2 * n**3))) if device.type == "cpu" else max(1, int(2e13 // (2 * n**3)))
         best = 0.0
         for _ in range(reps):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             for _ in range(inner):
                 torch.mm(a, b, out=out)
-            _sync(device)
+            sync(device)
             best = max(best, 2 * n**3 * inner / (time.perf_counter() - t) / 1e9)
         by_size[str(n)] = round(best, 2)
     tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" and dtype == torch.float32 else None

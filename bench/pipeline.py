@@ -17,7 +17,6 @@ straight from this process would inherit its resident set as a floor.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -77,23 +76,22 @@ def run_measured(cmd: list[str], cwd: Path, env: dict, log) -> tuple[float, floa
     return wall, rss_kib / 1024, rc
 
 
-def _env(clone: Path, tmp: Path) -> dict:
-    env = dict(os.environ)
-    venv_bin = str(Path(sys.executable).parent)
-    env |= {
+def _env(clone: Path, tmp: Path, dvc: str) -> dict:
+    """The flow's dvc environment (no analytics, the venv on PATH), run against the clone's own code and state."""
+    from flows.pipeline import dvc_env  # lazy: imports Prefect
+
+    return dvc_env(dvc) | {
         # the editable install points at the working tree's src/; the clone must run its own code
         "PYTHONPATH": str(clone / "src"),
-        "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
-        "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"), "GX_ANALYTICS_ENABLED": "false",
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"), "GX_ANALYTICS_ENABLED": "false",
         "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
-    return env
 
 
 def run_pipeline(repo: Path, *, keep: bool = False, progress=print) -> PipelineResult:
     tmp = Path(tempfile.mkdtemp(prefix="diffrep-bench-pipeline-"))
     clone, dvc = tmp / "repo", str(Path(sys.executable).parent / "dvc")
-    env = _env(clone, tmp)
+    env = _env(clone, tmp, dvc)
     try:
         t = time.perf_counter()
         subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.machine import sync
 from diffrep.config import Config
 
 
@@ -26,12 +27,10 @@ class SampleBench:
 
 
 def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
+from bench.machine import sync
 from bench.models import ModelSpec
 from diffrep.runtime import Runtime
-
 
 
 def _raw(formula):
@@ -72,11 +72,6 @@ def make_trainer(spec: ModelSpec, runtime: Runtime, ckpt_dir: Path):
                    fingerprint="bench", run_name=spec.name, progress=False)
 
 
-def _sync(runtime: Runtime) -> None:
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
-
-
 def count_flops(trainer, step: int = 0) -> int:
     """FLOPs of one forward + backward on the eager model (torch.compile'd graphs bypass the counter)."""
     batch, rng = trainer._batch(step)
@@ -100,10 +95,10 @@ def bench_train(spec: ModelSpec, runtime: Runtime, *, steps: int, warmup: int, m
             trainer.train_step(i)
         times = []
         for i in range(warmup, warmup + steps):
-            _sync(runtime)
+            sync(runtime.device)
             t = time.perf_counter()
             trainer.train_step(i)
-            _sync(runtime)
+            sync(runtime.device)
             times.append(time.perf_counter() - t)
         flops = flops_per_step if flops_per_step is not None else count_flops(trainer, warmup + steps)
         peak = torch.cuda.max_memory_allocated(runtime.device) / 2**20 if runtime.device.type == "cuda" else None
@@ -143,7 +138,7 @@ def profile_train(spec: ModelSpec, runtime: Runtime, *, steps: int = 3, warmup: 
         with profile(activities=acts) as prof:
             for i in range(warmup, warmup + steps):
                 trainer.train_step(i)
-            _sync(runtime)
+            sync(runtime.device)
     avgs = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in avgs) or 1.0
     rows = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:row_limit]

@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from diffrep.audit import dvc_executable
+from diffrep.audit import dvc_executable, flatten
 from flows.pipeline import dvc_env, run_streamed
 
 # The numbers people compare across experiments: metrics file -> keys. Those absent are left out.
@@ -124,15 +124,6 @@ def exp_show(root: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- the comparison table
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _runs(show: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """(the baseline commit's entry, {experiment name: its entry}) from `dvc exp show --json`."""
     commits = [e for e in show if e.get("rev") != "workspace"]
@@ -151,7 +142,7 @@ def _values(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, 
     data = entry.get("data") or {}
     params: dict[str, Any] = {}
     for f in (data.get("params") or {}).values():
-        params.update(_flat(f.get("data") or {}))
+        params.update(flatten(f.get("data") or {}))
     metrics = {path: {k: v for k, v in (m.get("data") or {}).items() if k != "lineage"}
                for path, m in (data.get("metrics") or {}).items()}
     return params, metrics

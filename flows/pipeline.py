@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from diffrep.audit import dvc_executable
+from diffrep.audit import dvc_executable, flatten
 
 REPORT = "reports/report.md"  # the `report` stage's page, published whole as a markdown artifact
 GRID_GLOBS = ("results/*/*.png", "models/*/*.png")  # sample/reconstruction grids the stages write
@@ -130,15 +130,10 @@ def _pump(stream: IO[bytes], log: Any, lines: deque[str], prefix: str) -> None:
     stream.close()
 
 
-def _flat_scalars(d: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
-    rows = []
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            rows += _flat_scalars(v, f"{name}.")
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            rows.append({"metric": name, "value": v})
-    return rows
+def _flat_scalars(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows {metric: dotted key, value} of the scalar leaves (lists and the like are left out)."""
+    return [{"metric": k, "value": v} for k, v in flatten(d).items()
+            if v is None or isinstance(v, (bool, int, float, str))]
 
 
 def artifact_key(stage: str, metrics_file: Path) -> str:

@@ -158,12 +158,13 @@ def _norm(p: str) -> str:
     return Path(p).as_posix().removeprefix("./").rstrip("/")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}: params and metrics as dotted keys, the way DVC names them."""
     if not isinstance(d, dict) or not d:
         return {prefix: d} if prefix else {}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -230,7 +231,7 @@ def check_stage(proj: Project, stage: str, metrics_rel: str | None, key: str | N
     if not proj.in_dvc_yaml(stage):
         link.problems.append(f"stage {stage!r} is in dvc.lock but no longer in dvc.yaml")
     for file, values in (entry.get("params") or {}).items():
-        for name, locked in _flat(values).items():
+        for name, locked in flatten(values).items():
             link.params[name] = locked
             now = proj.param_now(file, name)
             if now is _MISSING:
@@ -365,7 +366,7 @@ def main(args: Any) -> int:
         except ValueError:
             raise AuditError(f"{path}: lies outside the project root {root}; pass --root") from None
         if key is not None and lookup(metrics, key) is _MISSING:
-            keys = ", ".join(k for k in _flat({k: v for k, v in metrics.items() if k != "lineage"}))
+            keys = ", ".join(k for k in flatten({k: v for k, v in metrics.items() if k != "lineage"}))
             raise AuditError(f"{metrics_rel}: no metric {key!r}; available: {keys}")
         stage = metrics["lineage"].get("stage")
         if not stage:
