@@ -272,14 +272,14 @@ def test_mcnemar_exact_against_closed_forms():
         mcnemar_exact(vec([1, 0]), vec([1, 0, 1]))
 
 
-def test_knn_predict_agrees_with_knn_accuracy():
-    from diffrep.eval.probe import knn_accuracy, knn_predict
+def test_knn_correct_agrees_with_knn_accuracy():
+    from diffrep.eval.probe import knn_accuracy, knn_correct
 
     g = torch.Generator().manual_seed(0)
     train_y, test_y = torch.arange(60) % 3, torch.arange(30) % 3
     centres = torch.randn(3, 8, generator=g) * 3
     train_x = centres[train_y] + torch.randn(60, 8, generator=g)
     test_x = centres[test_y] + torch.randn(30, 8, generator=g)
-    pred = knn_predict(train_x, train_y, test_x, 3, k=5)
-    assert pred.shape == (30,)
-    assert (pred == test_y).sum().item() / 30 == knn_accuracy(train_x, train_y, test_x, test_y, 3, k=5)
+    correct = knn_correct(train_x, train_y, test_x, test_y, 3, k=5)
+    assert correct.shape == (30,) and correct.dtype == torch.bool
+    assert correct.sum().item() / 30 == knn_accuracy(train_x, train_y, test_x, test_y, 3, k=5)

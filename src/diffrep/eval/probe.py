@@ -62,9 +62,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted cosine kNN: the predicted class (N_test,) of each test feature."""
+def knn_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted cosine kNN: whether each test feature's predicted class is right, bool (N_test,)."""
+    _check(train_x, train_y, test_x, test_y)
     train_n = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train_n))
     preds = []
@@ -73,12 +74,15 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         sim, idx = (q @ train_n.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         preds.append(votes.argmax(1))
-    return torch.cat(preds)
+    return torch.cat(preds) == test_y
+
+
+def accuracy(correct: torch.Tensor) -> float:
+    """Fraction of True in a bool (N,) tensor, as an exact fraction rather than a float32 mean."""
+    return correct.sum().item() / len(correct)
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Weighted cosine kNN top-1 accuracy of test features against train features."""
-    _check(train_x, train_y, test_x, test_y)
-    correct = (knn_predict(train_x, train_y, test_x, num_classes, k, temperature, chunk) == test_y).sum().item()
-    return correct / len(test_y)  # an exact fraction, not a float32 one
+    return accuracy(knn_correct(train_x, train_y, test_x, test_y, num_classes, k, temperature, chunk))

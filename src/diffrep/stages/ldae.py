@@ -21,7 +21,7 @@ from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.eval.paired import mcnemar_exact
-from diffrep.eval.probe import knn_accuracy, knn_predict, linear_probe
+from diffrep.eval.probe import accuracy, knn_correct, linear_probe
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.ldae import Ldae
@@ -70,24 +70,25 @@ def run(cfg: Config, root: Path) -> dict | None:
         pool = cfg.ldae.feature_pool
         f_train, f_test = Ldae.pool(t_train, pool), Ldae.pool(t_test, pool)
 
-        def knn(a: torch.Tensor, b: torch.Tensor) -> float:
-            return knn_accuracy(a, train_y, b, test_y, k)
+        def knn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (N_test,) bool: which test images kNN gets right
+            return knn_correct(a, train_y, b, test_y, k)
 
+        # both poolings, whichever is configured: the paper's mean pool discards the token layout
+        pooled = {how: knn(Ldae.pool(t_train, how), Ldae.pool(t_test, how)) for how in ("mean", "flatten")}
+        raw = knn(train_x.flatten(1), test_x.flatten(1))
         # paired test on the same test images: is the features' kNN really different from raw pixels'?
-        paired = mcnemar_exact(knn_predict(f_train, train_y, f_test, k) == test_y,
-                               knn_predict(train_x.flatten(1), train_y, test_x.flatten(1), k) == test_y)
+        paired = mcnemar_exact(pooled[pool], raw)
 
         metrics = runner.training_metrics(result) | {
             "feature_pool": pool,
-            "knn_features": knn(f_train, f_test),
+            "knn_features": accuracy(pooled[pool]),
             "linear_probe_features": linear_probe(f_train, train_y, f_test, test_y, k, seed=cfg.seed),
-            # both poolings, whichever is configured: the paper's mean pool discards the token layout
-            "knn_features_mean_pool": knn(Ldae.pool(t_train, "mean"), Ldae.pool(t_test, "mean")),
-            "knn_features_flatten": knn(Ldae.pool(t_train, "flatten"), Ldae.pool(t_test, "flatten")),
-            "knn_raw_pixels": knn(train_x.flatten(1), test_x.flatten(1)),
+            "knn_features_mean_pool": accuracy(pooled["mean"]),
+            "knn_features_flatten": accuracy(pooled["flatten"]),
+            "knn_raw_pixels": accuracy(raw),
             "linear_probe_raw_pixels": linear_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k,
                                                     seed=cfg.seed),
-            "knn_random_init": knn(r_train, r_test),
+            "knn_random_init": accuracy(knn(r_train, r_test)),
             # test images only the features get right / only raw pixels get right, and the exact McNemar p
             "knn_vs_raw_pixels": {"features_only": paired["a_only"], "raw_pixels_only": paired["b_only"],
                                   "p_value": paired["p_value"]},

@@ -32,7 +32,6 @@ from diffrep.eval.features import batched
 from diffrep.eval.probe import ProbeConfig, knn_accuracy, linear_probe
 from diffrep.io import atomic_dir, write_text
 from diffrep.models import artifact
-from diffrep.models.artifact import load_model
 from diffrep.nn import set_attention_backend
 from diffrep.stages import runner
 from diffrep.train.rng import derive_seed
@@ -50,7 +49,7 @@ ENCODERS = {
 
 def build_encoder(folder: Path, kind: str, init_seed: int | None = None) -> nn.Module:
     """The trained model of an artifact folder, or (init_seed given) a fresh init of the same architecture."""
-    return load_model(folder, kind, init_seed=init_seed).requires_grad_(False)
+    return artifact.load_model(folder, kind, init_seed=init_seed).requires_grad_(False)
 
 
 def pca_features(train: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
