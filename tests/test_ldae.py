@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffrep.config import LdaeConfig
+from diffrep.config import LdaeConfig, ViewsConfig
+from diffrep.data.views import augment
 from diffrep.models.ldae import Ldae
 from diffrep.models.pca import PatchPCA
 from diffrep.nn import set_attention_backend
@@ -168,6 +169,22 @@ def test_flatten_pool_keeps_the_token_layout():
     f = m.features(x)
     assert f.shape == (6, 4 * 32)
     assert torch.equal(f.reshape(6, 4, 32), tokens)  # token-major: feature block i is token i
+
+
+def test_augment_crops_the_training_image_with_the_step_rng():
+    policy = dict(crop_scale=(0.5, 0.7), brightness=0.2, contrast=0.2)
+    x = images(6, seed=8)
+    seen = []
+    for aug in (None, policy, policy):
+        m = model(noise_space="pixel", sigma_max=1e-7, augment=aug)  # ~no noise: the net sees the (augmented) image
+        m.net.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+        loss, _ = m({"images": x}, BatchRNG(0, 5, 6))
+        assert torch.isfinite(loss)
+    torch.testing.assert_close(seen[0], x)  # augment null: the image as it is (the default)
+    assert torch.equal(seen[1], seen[2])  # same step -> same crops
+    expected = augment(x, ViewsConfig.model_validate(policy), BatchRNG(0, 5, 6))
+    torch.testing.assert_close(seen[1], expected)  # the shared tensor-side views code, drawn from the step's rng
+    assert (seen[1] - x).abs().mean() > 0.05
 
 
 def test_bad_pca_dim():

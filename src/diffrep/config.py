@@ -193,6 +193,8 @@ class LdaeConfig(Section):
     feature_logsnr: float = 10.0  # the small fixed noise level used for probe features
     # mean: average-pooled encoder tokens (the paper); flatten: tokens concatenated, keeping their layout
     feature_pool: Literal["mean", "flatten"] = "flatten"
+    # random-resized crop + intensity jitter of each training image, as SODA draws its views (None: off)
+    augment: ViewsConfig | None = None
     vit: ViTConfig = ViTConfig(patch_size=8, dim=128, depth=6)
     # lr 4e-3 beat 2e-3; a short run wants a short EMA
     train: TrainConfig = TrainConfig(steps=1500, batch_size=128, lr=4e-3, warmup_steps=50, ema_decay=0.99,

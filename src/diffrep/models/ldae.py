@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from diffrep.config import LdaeConfig
+from diffrep.data.views import augment
 from diffrep.models.artifact import register
 from diffrep.models.pca import PatchPCA
 from diffrep.nn.vit import ViT, patchify
@@ -92,6 +93,8 @@ class Ldae(nn.Module):
     # ------------------------------------------------------------ training
     def forward(self, batch: dict[str, torch.Tensor], rng):
         x = batch["images"]  # (B, C, H, W) in [-1, 1]
+        if self.cfg.augment is not None:
+            x = augment(x, self.cfg.augment, rng)
         sigma = self.cfg.sigma_max * rng.rand().to(x.device)  # (B,)
         x_in = self.noisy_input(x, sigma, rng.randn(*x.shape[1:]).to(x.device))
         pred = self.net(x_in, self.logsnr(sigma))
