@@ -100,16 +100,38 @@ def test_cli_help_and_usage_errors(capsys):
 
 
 # ---------------------------------------------------------------- plain DVC on the real prepare stage
-def test_dvc_exp_run_on_real_prepare_shows_its_metrics(tmp_path):
-    root = tmp_path / "r"
-    root.mkdir()
+def real_prepare_repo(root: Path, params: str) -> Path:
+    """A git + DVC repository holding main's `prepare` stage, its code and data/raw/."""
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT / "data/raw", root / "data/raw", dirs_exist_ok=True)
     shutil.copy(ROOT / ".gitignore", root)
     dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": dag["stages"]["prepare"]}}))
-    params = "seed: 0\ndata: {source: digits, image_size: 8, test_fraction: 0.2}\n"
     (root / "params.yaml").write_text(params)
-    commit_repo(root)
+    return commit_repo(root)
+
+
+def test_an_image_changed_in_data_raw_makes_prepare_stale(tmp_path):
+    from conftest import make_imagefolder, write_image
+
+    root = tmp_path / "r"
+    make_imagefolder(root / "data/raw/pets", {"cats": 5, "dogs": 5})
+    real_prepare_repo(root, "seed: 0\ndata: {source: imagefolder, path: data/raw/pets, image_size: 8, min_rows: 4}\n")
+    assert "pets" not in sh("git", "ls-files", cwd=root).stdout  # data/raw/.gitignore: DVC versions the data, not git
+    sh("dvc", "repro", cwd=root)
+    assert "up to date" in sh("dvc", "status", cwd=root).stdout
+    src = json.loads((root / "metrics/prepare.json").read_text())["lineage"]["params"]["source"]
+    assert src["tracked_by_dvc"] is True
+
+    write_image(root / "data/raw/pets/dogs/new.png", seed=99)
+    status = sh("dvc", "status", cwd=root).stdout
+    assert "prepare:" in status and "data/raw" in status
+
+
+def test_dvc_exp_run_on_real_prepare_shows_its_metrics(tmp_path):
+    root = tmp_path / "r"
+    params = "seed: 0\ndata: {source: digits, image_size: 8, test_fraction: 0.2}\n"
+    real_prepare_repo(root, params)
 
     sh("dvc", "exp", "run", "--temp", "-n", "tf30", "-S", "data.test_fraction=0.3", cwd=root)
     m = exp_metrics(root)["tf30"]["metrics/prepare.json"]

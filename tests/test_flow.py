@@ -266,11 +266,12 @@ def test_real_prepare_validation_failure_names_the_expectation(prefect_server, t
 
     dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     dag["stages"] = {"prepare": dag["stages"]["prepare"]}
-    params = "seed: 0\ndata: {source: imagefolder, path: imgs, image_size: 8, min_rows: 4}\n"
+    params = "seed: 0\ndata: {source: imagefolder, path: data/raw/imgs, image_size: 8, min_rows: 4}\n"
     root = make_project(tmp_path / "p", yaml.safe_dump(dag), params)
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    make_imagefolder(root / "imgs", {"cats": 5, "dogs": 5})
-    (root / "imgs/dogs/broken.png").write_bytes(b"garbage")
+    shutil.copytree(ROOT / "data/raw", root / "data/raw")
+    make_imagefolder(root / "data/raw/imgs", {"cats": 5, "dogs": 5})
+    (root / "data/raw/imgs/dogs/broken.png").write_bytes(b"garbage")
     # no venv on PATH: the flow must find `diffrep` beside dvc itself
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     state = pipeline_flow(root=str(root), return_state=True)

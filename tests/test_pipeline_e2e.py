@@ -45,6 +45,7 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / ".dvcignore", root)
+    shutil.copytree(REPO / "data/raw", root / "data/raw")  # a dependency of prepare
     shutil.copy(REPO / ".gitignore", root)
     # only the stages this test covers, so it stays small as the pipeline grows
     dag = yaml.safe_load((REPO / "dvc.yaml").read_text())

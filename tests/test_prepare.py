@@ -96,14 +96,23 @@ def test_shapes_prepare_keeps_objects_and_poses(tmp_path):
     assert prep.array("test", "poses").dtype == np.float32 and prep.array("train", "factors").shape[0] == len(tr)
 
 
-def test_imagefolder_prepare_records_the_folder_hash(tmp_path):
-    f = make_imagefolder(tmp_path / "imgs", {"cats": 5, "dogs": 5}, mode="RGB")
-    metrics = prepare.run(make_cfg(source="imagefolder", path="imgs", image_size=4, min_rows=4), tmp_path)
+def test_imagefolder_prepare_records_the_folder_hash(tmp_path, capsys):
+    f = make_imagefolder(tmp_path / "data/raw/imgs", {"cats": 5, "dogs": 5}, mode="RGB")
+    metrics = prepare.run(make_cfg(source="imagefolder", path="data/raw/imgs", image_size=4, min_rows=4), tmp_path)
     src = metrics["lineage"]["params"]["source"]
     assert src["name"] == "imagefolder" and src["path_hash"] == path_hash(f)
+    assert src["tracked_by_dvc"] is True and "warning" not in capsys.readouterr().err
     prep = load_prepared(tmp_path / "data/prepared")
     assert prep.image_shape == (3, 4, 4) and prep.class_names == ["cats", "dogs"]
     assert prep.manifest["class_counts"] == {"train": [4, 4], "test": [1, 1]}
+
+
+def test_a_folder_outside_data_raw_is_flagged_untracked(tmp_path, capsys):
+    make_imagefolder(tmp_path / "elsewhere", {"cats": 5, "dogs": 5})
+    metrics = prepare.run(make_cfg(source="imagefolder", path="elsewhere", image_size=4, min_rows=4), tmp_path)
+    assert metrics["lineage"]["params"]["source"]["tracked_by_dvc"] is False
+    err = capsys.readouterr().err
+    assert "'elsewhere' is outside data/raw/" in err and "dvc repro -f prepare" in err
 
 
 # ---------------------------------------------------------------- bad inputs: named error, nothing written

@@ -52,15 +52,26 @@ def load_source(cfg: DataConfig, seed: int, root: str | Path | None = None) -> R
 
         return render_shapes(cfg.shapes.n_objects, cfg.shapes.views_per_object, cfg.image_size, seed)
     if cfg.source == "imagefolder":
-        return load_imagefolder(resolve_path(cfg.path, root), cfg.image_size)
+        return load_imagefolder(source_folder(cfg, root), cfg.image_size)
     if cfg.source == "torchvision":
-        name, sep, path = (cfg.path or "").partition(":")
-        if not sep or not name or not path:
-            raise SourceError(
-                f"data.path {cfg.path!r}: expected 'Name:root' for torchvision, e.g. 'CIFAR10:data/cifar'"
-            )
-        return load_torchvision(name, resolve_path(path, root), cfg.image_size)
+        return load_torchvision(_torchvision_spec(cfg)[0], source_folder(cfg, root), cfg.image_size)
     raise SourceError(f"unknown data.source {cfg.source!r}")
+
+
+def _torchvision_spec(cfg: DataConfig) -> tuple[str, str]:
+    name, sep, path = (cfg.path or "").partition(":")
+    if not sep or not name or not path:
+        raise SourceError(f"data.path {cfg.path!r}: expected 'Name:root' for torchvision, e.g. 'CIFAR10:data/raw/cifar'")
+    return name, path
+
+
+def source_folder(cfg: DataConfig, root: str | Path | None = None) -> Path | None:
+    """The folder a file-based source reads (the image folder, the torchvision root); None for built-in sources."""
+    if cfg.source == "imagefolder":
+        return resolve_path(cfg.path, root)
+    if cfg.source == "torchvision":
+        return resolve_path(_torchvision_spec(cfg)[1], root)
+    return None
 
 
 def resolve_path(path: str | None, root: str | Path | None) -> Path:

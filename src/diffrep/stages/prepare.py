@@ -12,6 +12,7 @@ DVC does not re-run downstream stages.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -21,13 +22,14 @@ import numpy as np
 
 from diffrep.config import Config, DataConfig, to_dict
 from diffrep.data.prepared import write_prepared
-from diffrep.data.sources import load_source, resolve_path
+from diffrep.data.sources import load_source, source_folder
 from diffrep.data.split import split_dataset
 from diffrep.data.types import RawDataset
 from diffrep.data.validate import format_failures, validate_dataset
 from diffrep.io import atomic_dir, path_hash, write_json
 from diffrep.lineage import lineage_block, now_utc
 
+RAW = Path("data/raw")  # a dependency of `prepare` in dvc.yaml: DVC sees the files of sources kept here
 PREPARED = Path("data/prepared")
 REPORT = Path("data/validation.json")
 METRICS = Path("metrics/prepare.json")
@@ -41,15 +43,21 @@ def source_info(cfg: DataConfig, raw: RawDataset, root: Path) -> dict[str, Any]:
         info["package"] = f"{package}=={metadata.version(package)}"
     if cfg.source == "shapes":
         info["renderer"] = "diffrep.data.shapes (versioned by the git commit)"
+    folder = source_folder(cfg, root)
+    if folder is not None:
+        info["path"] = cfg.path
+        info["tracked_by_dvc"] = tracked_by_dvc(folder, root)
     if cfg.source == "imagefolder":
-        info["path"] = cfg.path
-        info["path_hash"] = path_hash(resolve_path(cfg.path, root))
-    if cfg.source == "torchvision":
-        info["path"] = cfg.path
+        info["path_hash"] = path_hash(folder)
     h = hashlib.sha256(np.ascontiguousarray(raw.images).tobytes())
     h.update(np.ascontiguousarray(raw.labels).tobytes())
     info["content_sha256"] = h.hexdigest()  # the decoded, resized float images and labels
     return info
+
+
+def tracked_by_dvc(folder: Path, root: Path) -> bool:
+    """Is `folder` inside data/raw/, the folder `prepare` depends on (so a changed file makes it stale)?"""
+    return folder.resolve().is_relative_to((Path(root) / RAW).resolve())
 
 
 def _balance(counts: list[int]) -> float | None:
@@ -60,6 +68,11 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     root = Path(root)
     started, t0 = now_utc(), time.perf_counter()
 
+    folder = source_folder(cfg.data, root)
+    if folder is not None and not tracked_by_dvc(folder, root):
+        print(f"[prepare] warning: data.path {cfg.data.path!r} is outside {RAW}/, so DVC cannot see its files "
+              f"change and `dvc repro` will not re-run prepare when they do. Move it under {RAW}/ "
+              f"(see {RAW}/README.md), or run `dvc repro -f prepare` after changing it.", file=sys.stderr)
     raw = load_source(cfg.data, cfg.seed, root=root)
     t_load = time.perf_counter()
     split = split_dataset(raw.labels, cfg.data.test_fraction, cfg.seed, object_ids=raw.object_ids)
