@@ -32,7 +32,7 @@ class ShapesConfig(Section):
 
 class DataConfig(Section):
     source: Literal["mnist5k", "digits", "shapes", "imagefolder", "torchvision"] = "mnist5k"
-    path: str | None = None  # imagefolder: the folder; torchvision: "Name:root", e.g. "CIFAR10:~/data"
+    path: str | None = None  # imagefolder: the folder; torchvision: "Name:root", e.g. "CIFAR10:data/raw/cifar"
     image_size: int = Field(16, ge=4, le=512)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     min_per_class: int = Field(2, ge=1)  # validation: fewer images in a class is an error

@@ -114,10 +114,14 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """torch.save, byte-deterministic: the same tensors give the same file, so DVC skips unchanged downstream stages."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # given a path, torch names the zip's root folder after the (random) temp file; given a file object,
+        # it is always "archive"
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
