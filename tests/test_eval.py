@@ -283,3 +283,24 @@ def test_knn_correct_agrees_with_knn_accuracy():
     correct = knn_correct(train_x, train_y, test_x, test_y, 3, k=5)
     assert correct.shape == (30,) and correct.dtype == torch.bool
     assert correct.sum().item() / 30 == knn_accuracy(train_x, train_y, test_x, test_y, 3, k=5)
+
+
+def test_normalize_for_knn_uses_training_statistics():
+    from diffrep.eval.probe import normalize_for_knn
+
+    g = torch.Generator().manual_seed(1)
+    train_x = torch.randn(50, 6, generator=g) * torch.arange(1.0, 7.0) + 5.0
+    train_x[:, 0] = -1.0  # a constant dimension (an always-black border pixel)
+    test_x = torch.randn(20, 6, generator=g)
+    a, b = normalize_for_knn(train_x, test_x, "none")
+    assert a is train_x and b is test_x
+    a, b = normalize_for_knn(train_x, test_x, "center")
+    torch.testing.assert_close(a.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, test_x - train_x.mean(0))
+    a, b = normalize_for_knn(train_x, test_x, "standardize")
+    bn = torch.nn.BatchNorm1d(6, affine=False).train()  # the probe's normalisation, on the training batch
+    torch.testing.assert_close(a, bn(train_x))
+    torch.testing.assert_close(b, (test_x - train_x.mean(0)) / torch.sqrt(train_x.var(0, unbiased=False) + 1e-5))
+    assert torch.isfinite(b).all() and a[:, 0].abs().max() == 0  # the constant dimension stays finite
+    with pytest.raises(ValueError, match="standardize"):
+        normalize_for_knn(train_x, test_x, "whiten")

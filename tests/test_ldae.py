@@ -227,6 +227,10 @@ def test_stage_end_to_end_and_artifact_round_trip(prepared_digits, tmp_path, mon
                 "knn_raw_pixels", "knn_random_init", "wall_s", "lineage"):
         assert key in on_disk, key
     assert on_disk["steps"] == 12 and metrics["feature_dim"] == 4 * 32  # flattened: 4 tokens of 32
+    by_norm = on_disk["knn_by_normalization"]
+    assert list(by_norm) == ["none", "center", "standardize"]
+    assert by_norm["none"]["features"] == on_disk["knn_features"] and by_norm["none"]["raw_pixels"] == on_disk["knn_raw_pixels"]
+    assert all(0 <= r[k] <= 1 for r in by_norm.values() for k in ("features", "raw_pixels", "random_init", "p_value"))
     assert (tmp_path / "models/ldae/grid.png").is_file()
     assert (tmp_path / "metrics/ldae_loss.tsv").is_file()
     loaded = artifact.load_model(tmp_path / "models/ldae", "ldae")

@@ -77,6 +77,25 @@ def knn_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     return torch.cat(preds) == test_y
 
 
+KNN_NORMALIZATIONS = ("none", "center", "standardize")
+
+
+def normalize_for_knn(train_x: torch.Tensor, test_x: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) features -> the same, normalised with training-set statistics before a cosine kNN.
+
+    none: as they are. center: minus the training mean. standardize: also divided by the
+    training std per dimension, as the probe's BatchNorm(affine=False) does (same eps).
+    """
+    if how not in KNN_NORMALIZATIONS:
+        raise ValueError(f"kNN normalisation {how!r}: expected one of {', '.join(KNN_NORMALIZATIONS)}")
+    if how == "none":
+        return train_x, test_x
+    train_x, test_x = train_x.float(), test_x.float()
+    mean = train_x.mean(0)  # (D,)
+    scale = torch.sqrt(train_x.var(0, unbiased=False) + 1e-5) if how == "standardize" else 1.0
+    return (train_x - mean) / scale, (test_x - mean) / scale
+
+
 def accuracy(correct: torch.Tensor) -> float:
     """Fraction of True in a bool (N,) tensor, as an exact fraction rather than a float32 mean."""
     return correct.sum().item() / len(correct)

@@ -7,7 +7,8 @@ test split kNN and linear-probe accuracy of the encoder tokens (pooled as
 `ldae.feature_pool` says; kNN of both poolings), beside the
 same two on raw pixels at the same resolution (with an exact McNemar test of the two kNNs
 on the same test images) and the kNN of a random-init
-(untrained) network on the same tokenizer, all computed in this run; plus lineage.
+(untrained) network on the same tokenizer; the three kNNs again after centring and after
+standardising each representation (`knn_by_normalization`), all computed in this run; plus lineage.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.eval.paired import mcnemar_exact
-from diffrep.eval.probe import accuracy, knn_correct, linear_probe
+from diffrep.eval.probe import KNN_NORMALIZATIONS, accuracy, knn_correct, linear_probe, normalize_for_knn
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.ldae import Ldae
@@ -78,6 +79,18 @@ def run(cfg: Config, root: Path) -> dict | None:
         raw = knn(train_x.flatten(1), test_x.flatten(1))
         # paired test on the same test images: is the features' kNN really different from raw pixels'?
         paired = mcnemar_exact(pooled[pool], raw)
+        untrained = knn(r_train, r_test)
+        # the verdict depends on how each representation is normalised before the cosine (README)
+        by_norm = {}
+        for how in KNN_NORMALIZATIONS:
+            f, r, u = ((pooled[pool], raw, untrained) if how == "none" else
+                       (knn(*normalize_for_knn(f_train, f_test, how)),
+                        knn(*normalize_for_knn(train_x.flatten(1), test_x.flatten(1), how)),
+                        knn(*normalize_for_knn(r_train, r_test, how))))
+            test = mcnemar_exact(f, r)
+            by_norm[how] = {"features": accuracy(f), "raw_pixels": accuracy(r), "random_init": accuracy(u),
+                            "features_only": test["a_only"], "raw_pixels_only": test["b_only"],
+                            "p_value": test["p_value"]}
 
         metrics = runner.training_metrics(result) | {
             "feature_pool": pool,
@@ -88,10 +101,11 @@ def run(cfg: Config, root: Path) -> dict | None:
             "knn_raw_pixels": accuracy(raw),
             "linear_probe_raw_pixels": linear_probe(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k,
                                                     seed=cfg.seed),
-            "knn_random_init": accuracy(knn(r_train, r_test)),
+            "knn_random_init": accuracy(untrained),
             # test images only the features get right / only raw pixels get right, and the exact McNemar p
             "knn_vs_raw_pixels": {"features_only": paired["a_only"], "raw_pixels_only": paired["b_only"],
                                   "p_value": paired["p_value"]},
+            "knn_by_normalization": by_norm,
             "feature_dim": int(f_train.shape[1]),
         }
         grid = grid_images(ema, test_x[:GRID_ROWS].to(dev), cfg.seed)
