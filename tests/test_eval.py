@@ -221,6 +221,9 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
     from diffrep.io import write_json
 
     write_json(tiny_root / "metrics/generation_eval.json", g)
+    row = {"features": 0.95, "raw_pixels": 0.93, "random_init": 0.94, "features_only": 30, "raw_pixels_only": 10,
+           "p_value": 0.002}
+    write_json(tiny_root / "metrics/ldae.json", {"knn_by_normalization": {"none": row, "standardize": row}})
     published = []
     monkeypatch.setenv("DIFFREP_FLOW_RUN_ID", "flow-123")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
@@ -229,8 +232,9 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
     md = (tiny_root / "reports/report.md").read_text()
     assert out["published"] and published[0]["key"] == "diffrep-report" and published[0]["markdown"] == md
     for text in ("## Linear probe", "raw_pixels", "## Generation", "FD (featnet)", "## Reconstruction",
+                 "## l-DAE kNN against raw pixels", "| standardize | 95.0% | 94.0% | 93.0% | 30 / 10 (p = 0.002) |",
                  "## Lineage", "`metrics/feature_net.json`", "## Params", "Inception FID: not measured",
-                 "figures/linear_probe_bars.png", "soda, ul_stage1, ul_stage2, ldae"):
+                 "figures/linear_probe_bars.png", "soda, ul_stage1, ul_stage2."):
         assert text in md, text
     assert (tiny_root / "reports/figures/linear_probe_bars.png").is_file()
 

@@ -100,6 +100,20 @@ def section_probe(m: dict) -> list[str]:
     return out + [""]
 
 
+def section_knn_normalization(m: dict) -> list[str]:
+    by_norm = (m.get("ldae") or {}).get("knn_by_normalization")
+    if not by_norm:
+        return []
+    rows = [[how, fmt(r["features"], pct=True), fmt(r["random_init"], pct=True), fmt(r["raw_pixels"], pct=True),
+             f"{r['features_only']} / {r['raw_pixels_only']} (p = {r['p_value']:.2g})"] for how, r in by_norm.items()]
+    out = ["## l-DAE kNN against raw pixels, by normalisation", "",
+           "Weighted cosine kNN on the test split after no normalisation (the stage's kNN), centring, or "
+           "standardising each dimension with training statistics (the probe's BatchNorm). Last column: test "
+           "images only the features / only raw pixels get right, with the exact McNemar p-value.", ""]
+    return out + table(["normalisation", "l-DAE features", "untrained l-DAE", "raw pixels",
+                        "features only / pixels only"], rows) + [""]
+
+
 def section_generation(m: dict) -> list[str]:
     g = m.get("generation_eval")
     if not g:
@@ -212,7 +226,7 @@ def render(cfg: Config, root: Path) -> tuple[str, list[tuple[Path, str]]]:
     lines = ["# diffrep report", ""]
     if missing:
         lines += [f"Stages without metrics (not run yet): {', '.join(missing)}.", ""]
-    for section in (section_data, section_probe, section_generation, section_recon, section_dci, section_training):
+    for section in (section_data, section_probe, section_knn_normalization, section_generation, section_recon, section_dci, section_training):
         lines += section(metrics)
     if figs:
         lines += ["## Figures", ""]
