@@ -19,7 +19,7 @@ EPILOG = """examples:
   python -m bench                                   # micro-benchmarks + quality of the committed metrics/ (~2 min)
   python -m bench --threads 1 --models soda --steps 5
   python -m bench --profile soda                    # + torch.profiler top ops of SODA's training step
-  python -m bench --set runtime.channels_last=true  # try a runtime setting without editing params.yaml
+  python -m bench --set runtime.channels_last=false # try a runtime setting without editing params.yaml
   python -m bench --pipeline                        # + full dvc repro in a fresh clone (~20 min on 2 cores)
 """
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--from-metrics", default="metrics", metavar="DIR",
                    help="quality numbers from this metrics folder when --pipeline is not given (default metrics/)")
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params key for this run, e.g. runtime.channels_last=true (repeatable)")
+                   help="override a params key for this run, e.g. runtime.channels_last=false (repeatable)")
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     p.add_argument("--root", default=".", help="repository root (default .)")
     p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Unified Latents trade-off (PAPERS.md §2), as DVC experiments of the ul_stage1 stage only:
 #   - ul.stage1.loss_factor over FACTORS: bits/px and reconstruction PSNR both rise with it;
-#   - ul.stage1.logsnr_z0=10 (at the default loss factor): the bitrate collapses, reconstructions degrade.
+#   - ul.stage1.logsnr_z0=10 (at the default loss factor): reconstructions degrade; the paper's bitrate
+#     collapse did not reproduce at 16x16 (README: the encoder shrinks its latent instead).
 # Each experiment runs `prepare` (cached) and `ul_stage1` in DVC's queue, one at a time (2 cores), then the
 # table of the relevant columns is printed. Run from anywhere inside the repository:
 #   scripts/ul_sweep.sh                   # default factors
