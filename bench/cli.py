@@ -16,7 +16,7 @@ import yaml
 from bench import SCHEMA
 
 EPILOG = """examples:
-  python -m bench                                   # micro-benchmarks + quality of the committed metrics/ (~2 min)
+  python -m bench                                   # micro-benchmarks + quality of the committed metrics/ (~30 s on 2 cores)
   python -m bench --threads 1 --models soda --steps 5
   python -m bench --profile soda                    # + torch.profiler top ops of SODA's training step
   python -m bench --set runtime.channels_last=false # try a runtime setting without editing params.yaml
