@@ -99,6 +99,22 @@ def test_cli_help_and_usage_errors(capsys):
         assert e.value.code == 2
 
 
+
+@pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda p: p.name)
+def test_sweep_scripts_print_help_and_refuse_arguments_without_queueing(script, tmp_path):
+    # a `dvc` first on PATH that records any call: neither --help nor a stray argument may start the sweep
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dvc").write_text(f"#!/bin/sh\ntouch {tmp_path}/dvc-called\nexit 99\n")
+    (fake / "dvc").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    run = lambda *argv: subprocess.run(["bash", str(script), *argv], env=env, capture_output=True, text=True)
+    helped, refused = run("--help"), run("--jobs", "4")
+    assert helped.returncode == 0 and "DVC experiments" in helped.stdout and "set -euo" not in helped.stdout
+    assert refused.returncode == 2 and "takes no arguments (got: --jobs 4)" in refused.stderr
+    assert not (tmp_path / "dvc-called").exists()
+
+
 # ---------------------------------------------------------------- plain DVC on the real prepare stage
 def real_prepare_repo(root: Path, params: str) -> Path:
     """A git + DVC repository holding main's `prepare` stage, its code and data/raw/."""

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit a metrics file: re-hash its inputs/outputs and walk upstream (exit 0 intact, 1 broken, 2 usage)",
     )
     s.add_argument("metrics_file", help="e.g. metrics/prepare.json")
-    s.add_argument("--key", default=None, help="the metric to trace, e.g. fd (shown in the report)")
+    s.add_argument("--key", default=None, help="the metric to trace, e.g. fd_featnet (shown in the report)")
     s.add_argument("--json", action="store_true", help="print the chain as JSON")
     s.add_argument("--root", default=".", help="repository root (where dvc.lock lives)")
     s.set_defaults(func=_cmd_lineage)
