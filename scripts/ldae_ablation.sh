@@ -6,11 +6,7 @@
 #   scripts/ldae_ablation.sh
 #   DIMS="8 16 32" SOURCES="mnist5k" scripts/ldae_ablation.sh
 set -euo pipefail
-if [[ $# -gt 0 ]]; then  # no arguments: the settings come from the environment (see above)
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  [[ $1 == -h || $1 == --help ]] && exit 0
-  echo "error: $(basename "$0") takes no arguments (got: $*)" >&2; exit 2
-fi
+source "$(dirname "$0")/lib/no_args.sh"  # --help, or exit 2 on any argument
 cd "$(git rev-parse --show-toplevel)"
 SOURCES=${SOURCES:-"mnist5k shapes"}
 DIMS=${DIMS:-"4 16"}

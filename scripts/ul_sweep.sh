@@ -8,11 +8,7 @@
 #   scripts/ul_sweep.sh                   # default factors
 #   FACTORS="1.0 2.0 4.0" scripts/ul_sweep.sh
 set -euo pipefail
-if [[ $# -gt 0 ]]; then  # no arguments: the settings come from the environment (see above)
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  [[ $1 == -h || $1 == --help ]] && exit 0
-  echo "error: $(basename "$0") takes no arguments (got: $*)" >&2; exit 2
-fi
+source "$(dirname "$0")/lib/no_args.sh"  # --help, or exit 2 on any argument
 cd "$(git rev-parse --show-toplevel)"
 FACTORS=${FACTORS:-"1.5 3.0 6.0"}
 export DVC_NO_ANALYTICS=1

@@ -99,7 +99,6 @@ def test_cli_help_and_usage_errors(capsys):
         assert e.value.code == 2
 
 
-
 @pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda p: p.name)
 def test_sweep_scripts_print_help_and_refuse_arguments_without_queueing(script, tmp_path):
     # a `dvc` first on PATH that records any call: neither --help nor a stray argument may start the sweep
