@@ -9,7 +9,7 @@ from diffrep.data.views import augment, pick_two_views
 from diffrep.io import ArtifactError
 from diffrep.models.artifact import load_model, save_model
 from diffrep.models.soda import Soda
-from diffrep.stages.soda import group_views
+from diffrep.data.prepared import group_views
 from diffrep.train.rng import BatchRNG
 
 TINY = SodaConfig(

@@ -1,4 +1,4 @@
-"""Running a frozen model over a whole split in batches (features, reconstructions)."""
+"""Running a frozen model over a whole split in batches (features, reconstructions), and pixel baselines."""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,3 +13,22 @@ def batched(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size:
     n = len(tensors[0])
     out = [fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu() for i in range(0, n, batch_size)]
     return torch.cat(out)
+
+
+def quantise(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> the nearest of the 256 levels the prepared data can take (no gap from bit depth)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def pca_features(train: torch.Tensor, *others: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """The top `dim` principal components (sklearn PCA fitted on `train`) of train and of each other set."""
+    from sklearn.decomposition import PCA
+
+    dim = min(dim, train.shape[1], len(train))
+    pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(train.numpy())
+    return tuple(torch.from_numpy(pca.transform(x.numpy())).float() for x in (train, *others))
+
+
+def spread(n: int, k: int) -> torch.Tensor:
+    """k indices evenly spaced over n rows: every class of a class-sorted split is represented."""
+    return torch.linspace(0, n - 1, min(k, n)).round().long()

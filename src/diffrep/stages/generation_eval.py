@@ -28,15 +28,14 @@ import torch
 from diffrep.config import Config
 from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.dci import dci
-from diffrep.eval.features import batched
+from diffrep.eval.features import batched, pca_features, quantise
 from diffrep.eval.feature_net import load_feature_net
 from diffrep.eval.fid import InceptionFeatures, distances, extract
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.eval.recon import psnr, ssim
+from diffrep.eval.ul import reconstruction
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import FILE, load_model
 from diffrep.stages import runner
-from diffrep.stages.linear_probe import pca_features
 from diffrep.train.rng import derive_seed
 
 PREPARED = Path("data/prepared")
@@ -45,36 +44,8 @@ UL1, UL2, SODA = Path("models/ul_stage1"), Path("models/ul_stage2"), Path("model
 OUT = Path("results/generation_eval")
 
 
-def quantise(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> the nearest of the 256 levels the prepared data can take (no gap from bit depth)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
 def subset(n_total: int, n: int, *keys) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(*keys)))[:n]
-
-
-def soda_views(model, prep: Prepared, idx: torch.Tensor, r: int, g: torch.Generator, steps,
-               device) -> tuple[dict, list]:
-    """SODA reconstruction (and, with poses, novel views) of r test images/objects -> metrics, grids."""
-    from diffrep.stages.soda import group_views
-
-    test_x = prep.images_float("test")
-    poses = prep.array("test", "poses")
-    if poses is None:
-        src = test_x[idx[:r]]
-        rec = batched(lambda x: model.reconstruct(x, steps=steps, generator=g), src, device=device)
-        return {"soda_recon_psnr": psnr(rec, src), "soda_recon_ssim": ssim(rec, src)}, [
-            ("soda_recon.png", interleave(src[:16], rec[:16]), 8)]
-    images, pose = group_views(test_x, torch.from_numpy(poses), torch.from_numpy(prep.array("test", "object_ids")))
-    r = min(r, len(images))
-    src, tgt, src_pose, tgt_pose = images[:r, 0], images[:r, 1], pose[:r, 0], pose[:r, 1]
-    rec = batched(lambda x, p: model.decode(model.encode(x), p, steps=steps, generator=g), src, src_pose, device=device)
-    nv = batched(lambda x, p: model.novel_view(x, p, steps=steps, generator=g), src, tgt_pose, device=device)
-    m = {"soda_recon_psnr": psnr(rec, src), "soda_recon_ssim": ssim(rec, src),
-         "soda_novel_view_psnr": psnr(nv, tgt), "soda_novel_view_ssim": ssim(nv, tgt),
-         "novel_view_psnr_copy_source": psnr(src, tgt), "novel_view_ssim_copy_source": ssim(src, tgt)}
-    return m, [("soda_novel_view.png", interleave(src[:12], rec[:12], tgt[:12], nv[:12]), 8)]
 
 
 def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
@@ -86,7 +57,7 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
     names = prep.manifest.get("factor_names")
     codes = {name: (batched(fn, train_x[idx], device=device).flatten(1), batched(fn, test_x, device=device).flatten(1))
              for name, fn in encoders.items()}
-    codes["pca"] = pca_features(train_x[idx].flatten(1), test_x.flatten(1), d.pca_dim, cfg.seed)
+    codes["pca"] = pca_features(train_x[idx].flatten(1), test_x.flatten(1), dim=d.pca_dim, seed=cfg.seed)
     return {name: dci(tr.numpy(), f_tr, te.numpy(), f_te, factor_names=names, method=d.method, bins=d.bins,
                       n_estimators=d.n_estimators, max_depth=d.max_depth, lasso_c=d.lasso_c, seed=cfg.seed)
             for name, (tr, te) in codes.items()}
@@ -136,18 +107,15 @@ def run(cfg: Config, root: Path) -> dict | None:
             t = time.perf_counter()
             stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev)
             g = torch.Generator().manual_seed(derive_seed("ul-recon", cfg.seed))
-            recon = quantise(batched(lambda x: stage1.reconstruct(x, steps=e.decoder_steps, generator=g), real[:r],
-                                     batch_size=e.batch_size, device=dev))
+            _, recon = reconstruction(stage1, real[:r], generator=g, steps=e.decoder_steps, device=dev,
+                                      batch_size=e.batch_size)
             # r < n images: the reconstruction FD gets its own real-vs-real floor at size r
             f_real_r = f_real[:r]
             rec = distances(f_real_r, featnet(recon), space="featnet", **kid)
             rec_floor = distances(f_real_r, featnet(other[:r]), space="featnet", **kid)
-            bpp = batched(lambda x: stage1.bits_per_pixel(x, generator=g), real[:r], device=dev)
             m |= {"fd_featnet_ul_recon": rec["fd_featnet"], "kid_featnet_ul_recon": rec["kid_featnet"],
                   "fd_featnet_ul_recon_floor": rec_floor["fd_featnet"],
-                  "fd_featnet_ul_recon_ratio": rec["fd_featnet"] / max(rec_floor["fd_featnet"], 1e-12),
-                  "ul_recon_psnr": psnr(recon, real[:r]), "ul_recon_ssim": ssim(recon, real[:r]),
-                  "ul_bits_per_pixel": bpp.mean().item()}
+                  "fd_featnet_ul_recon_ratio": rec["fd_featnet"] / max(rec_floor["fd_featnet"], 1e-12)}
             seconds["ul_recon"] = time.perf_counter() - t
             grids += [("ul_samples.png", samples[: e.grid_images], 8),
                       ("ul_recon.png", interleave(real[:16], recon[:16]), 8)]
@@ -155,19 +123,12 @@ def run(cfg: Config, root: Path) -> dict | None:
             missing.append("ul")
             print(f"[generation_eval] {UL1} or {UL2} not found: skipping UL sampling and reconstruction")
 
-        soda = None
+        soda = None  # SODA's reconstructions and novel views are the soda stage's (eval/soda.py); here: DCI
         if (ctx.path(SODA) / FILE).is_file():
             inputs.append(ctx.path(SODA))
-            t = time.perf_counter()
             soda = load_model(ctx.path(SODA), "soda").to(dev)
-            g = torch.Generator().manual_seed(derive_seed("soda-recon", cfg.seed))
-            sm, sg = soda_views(soda, prep, test_idx, r, g, e.soda_steps, dev)
-            m |= sm
-            grids += sg
-            seconds["soda_recon"] = time.perf_counter() - t
         else:
             missing.append("soda")
-            print(f"[generation_eval] {SODA} not found: skipping SODA reconstruction")
 
         if e.inception_weights:
             t = time.perf_counter()

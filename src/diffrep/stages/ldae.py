@@ -21,8 +21,8 @@ from diffrep.config import Config, to_dict
 from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.eval.paired import mcnemar_exact
-from diffrep.eval.probe import KNN_NORMALIZATIONS, accuracy, knn_correct, linear_probe, normalize_for_knn
+from diffrep.eval.knn_study import knn_by_normalization
+from diffrep.eval.probe import accuracy, knn_correct, linear_probe
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.ldae import Ldae
@@ -78,19 +78,9 @@ def run(cfg: Config, root: Path) -> dict | None:
         pooled = {how: knn(Ldae.pool(t_train, how), Ldae.pool(t_test, how)) for how in ("mean", "flatten")}
         raw = knn(train_x.flatten(1), test_x.flatten(1))
         untrained = knn(r_train, r_test)
-        # the verdict depends on how each representation is normalised before the cosine (README); a paired
-        # test on the same test images says whether the features' kNN really differs from raw pixels'
-        by_norm = {}
-        for how in KNN_NORMALIZATIONS:
-            f, r, u = ((pooled[pool], raw, untrained) if how == "none" else
-                       (knn(*normalize_for_knn(f_train, f_test, how)),
-                        knn(*normalize_for_knn(train_x.flatten(1), test_x.flatten(1), how)),
-                        knn(*normalize_for_knn(r_train, r_test, how))))
-            test = mcnemar_exact(f, r)
-            by_norm[how] = {"features": accuracy(f), "raw_pixels": accuracy(r), "random_init": accuracy(u),
-                            "features_only": test["a_only"], "raw_pixels_only": test["b_only"],
-                            "p_value": test["p_value"]}
-
+        # the verdict depends on how each representation is normalised before the cosine (eval/knn_study.py)
+        by_norm = knn_by_normalization(knn, (f_train, f_test), (train_x.flatten(1), test_x.flatten(1)),
+                                       (r_train, r_test))
         metrics = runner.training_metrics(result) | {
             "feature_pool": pool,
             "knn_features": accuracy(pooled[pool]),

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from diffrep.config import Config
 from diffrep.data.prepared import load_prepared
-from diffrep.eval.features import batched
+from diffrep.eval.features import batched, pca_features
 from diffrep.eval.probe import ProbeConfig, knn_accuracy, linear_probe
 from diffrep.io import atomic_dir, write_text
 from diffrep.models import artifact
@@ -50,14 +50,6 @@ ENCODERS = {
 def build_encoder(folder: Path, kind: str, init_seed: int | None = None) -> nn.Module:
     """The trained model of an artifact folder, or (init_seed given) a fresh init of the same architecture."""
     return artifact.load_model(folder, kind, init_seed=init_seed).requires_grad_(False)
-
-
-def pca_features(train: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.decomposition import PCA
-
-    dim = min(dim, train.shape[1], len(train))
-    pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(train.numpy())
-    return tuple(torch.from_numpy(pca.transform(x.numpy())).float() for x in (train, test))
 
 
 def _stats(values: list[float]) -> dict:
@@ -137,7 +129,7 @@ def run(cfg: Config, root: Path) -> dict | None:
                 groups[f"{name}_random_init"] = "baseline"
         raw = (train_x.flatten(1), test_x.flatten(1))
         reps["raw_pixels"], groups["raw_pixels"] = probe_all([raw] * n_seeds, train_y, test_y, k, cfg), "baseline"
-        pca = pca_features(*raw, p.pca_dim, cfg.seed)
+        pca = pca_features(*raw, dim=p.pca_dim, seed=cfg.seed)
         reps["pca"], groups["pca"] = probe_all([pca] * n_seeds, train_y, test_y, k, cfg), "baseline"
         for name, r in reps.items():
             r["group"] = groups[name]

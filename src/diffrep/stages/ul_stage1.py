@@ -14,46 +14,27 @@ import torch
 
 from diffrep.config import Config, to_dict
 from diffrep.data.prepared import load_prepared
-from diffrep.eval.features import batched
+from diffrep.eval.features import batched, spread
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.eval.recon import psnr, ssim
+from diffrep.eval.ul import held_out_terms, reconstruction
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.ul import UnifiedLatents
 from diffrep.stages import runner
-from diffrep.train.rng import BatchRNG
 
 PREPARED = Path("data/prepared")
 OUT = Path("models/ul_stage1")
 
 
-def spread(n: int, k: int) -> torch.Tensor:
-    """k indices evenly spaced over n rows: every class of a class-sorted split is represented."""
-    return torch.linspace(0, n - 1, min(k, n)).round().long()
-
-
-@torch.no_grad()
-def held_out_terms(model: UnifiedLatents, x: torch.Tensor, seed: int, device, batch_size: int = 250) -> dict:
-    """The training loss terms averaged over test images (one noise/time draw each, fixed seed)."""
-    sums: dict[str, float] = {}
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        loss, terms = model({"images": xb}, BatchRNG(seed, i, len(xb), device=device))
-        for k, v in {"loss": loss, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(xb)
-    return {f"test_{k}": v / len(x) for k, v in sums.items()}
-
-
 def evaluate(model: UnifiedLatents, x: torch.Tensor, seed: int, device) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     bpp = batched(lambda b: model.bits_per_pixel(b, generator=g), x, device=device)  # (N,)
-    rec = batched(lambda b: model.reconstruct(b, generator=g), x, device=device)
+    recon, rec = reconstruction(model, x, generator=g, device=device)
     z = batched(model.encode, x, device=device)
     m = {
         "bits_per_pixel": bpp.mean().item(),
         "bits_per_image": bpp.mean().item() * model.pixels,
-        "recon_psnr": psnr(rec, x),
-        "recon_ssim": ssim(rec, x),
+        **recon,
         "latent_shape": list(model.latent_shape),
         "latent_std": z.std().item(),
         **held_out_terms(model, x, seed, device),
