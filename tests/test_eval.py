@@ -20,52 +20,46 @@ def _closed_form_fd(x: np.ndarray, y: np.ndarray) -> float:
     return float(((mx - my) ** 2).sum() + np.trace(cx + cy - 2 * covmean))
 
 
-def test_frechet_distance_matches_closed_form_of_two_gaussians():
-    from diffrep.eval.fid import frechet_distance
+def fd(x, y) -> float:
+    from diffrep.eval.distances import frechet, stats
 
+    return frechet(stats(torch.as_tensor(x)), stats(torch.as_tensor(y)))
+
+
+def test_frechet_distance_matches_closed_form_of_two_gaussians():
     rng = np.random.default_rng(0)
     D = 6
     a, b = rng.normal(size=(D, D)), rng.normal(size=(D, D))
     x = rng.normal(size=(400, D)) @ a + 1.0
     y = rng.normal(size=(300, D)) @ b * 0.5 - 0.5
-    got = frechet_distance(torch.from_numpy(x), torch.from_numpy(y))
-    want = _closed_form_fd(x, y)
-    assert got == pytest.approx(want, rel=1e-6)
+    assert fd(x, y) == pytest.approx(_closed_form_fd(x, y), rel=1e-6)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero_and_bad_input_is_rejected():
-    from diffrep.eval.fid import frechet_distance
+    from diffrep.eval.distances import distances
 
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)) * 3
-    assert abs(frechet_distance(x, x)) < 1e-6
+    assert abs(fd(x, x)) < 1e-6
     with pytest.raises(ValueError, match="same D"):
-        frechet_distance(x, x[:, :4])
+        distances(x, {"a": [x[:, :4]]}, resamples=20, seed=0)
     with pytest.raises(ValueError, match="NaN"):
-        frechet_distance(x, torch.full((10, 8), float("nan")))
+        distances(x, {"a": [torch.full((10, 8), float("nan"))]}, resamples=20, seed=0)
 
 
 def test_kid_is_zero_for_one_distribution_and_grows_quadratically_with_a_shift():
-    from diffrep.eval.fid import kernel_distance
+    from diffrep.eval.distances import KidKernels
 
     g = torch.Generator().manual_seed(0)
     real, fake = torch.randn(600, 8, generator=g), torch.randn(600, 8, generator=g)
-    same, same_std = kernel_distance(real, fake, subsets=20, subset_size=300)
-    small, _ = kernel_distance(real, fake + 0.25, subsets=20, subset_size=300)
-    big, _ = kernel_distance(real, fake + 0.5, subsets=20, subset_size=300)
-    assert abs(same) < 3 * same_std + 1e-3  # unbiased: centred on 0, may be slightly negative
+    same, small, big = (KidKernels(real, fake + s).kid() for s in (0.0, 0.25, 0.5))
+    assert abs(same) < 0.02 * small + 2e-3  # unbiased: centred on 0, may be slightly negative
     assert 0 < small < big
     assert 2.5 < big / small < 6  # MMD^2 ~ |shift|^2 for small shifts: doubling it ~4x
-    again, _ = kernel_distance(real, fake + 0.25, subsets=20, subset_size=300)
-    assert again == small  # subsets drawn under a fixed seed
 
 
-def test_distances_names_the_feature_space():
-    from diffrep.eval.fid import distances
-
+def test_a_pure_mean_shift_gives_its_squared_length():
     x = torch.randn(50, 4)
-    d = distances(x, x + 1, space="featnet", subsets=5, subset_size=20)
-    assert set(d) == {"fd_featnet", "kid_featnet", "kid_featnet_std"}
-    assert d["fd_featnet"] == pytest.approx(4.0, rel=1e-6)  # a pure mean shift of 1 in 4 dims
+    assert fd(x, x + 1) == pytest.approx(4.0, rel=1e-6)  # a pure mean shift of 1 in 4 dims
 
 
 # ---------------------------------------------------------------- the Inception path (offline, random weights)
@@ -86,7 +80,7 @@ def random_inception(tmp_path_factory):
 
 
 def test_inception_features_load_a_local_weights_file(random_inception, tmp_path):
-    from diffrep.eval.fid import InceptionFeatures, distances
+    from diffrep.eval.fid import InceptionFeatures
     from diffrep.io import ArtifactError
 
     ref, weights = random_inception
@@ -96,7 +90,7 @@ def test_inception_features_load_a_local_weights_file(random_inception, tmp_path
     assert f.shape == (3, 2048) and torch.isfinite(f).all()
     u8 = ((x + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1)
     torch.testing.assert_close(f, ref(u8)[0].reshape(3, -1))  # the file's weights, the reference resize
-    assert distances(f, f, space="inception", subsets=2, subset_size=3)["fd_inception"] == pytest.approx(0, abs=1e-3)
+    assert fd(f, f) == pytest.approx(0, abs=1e-3)
     with pytest.raises(ArtifactError, match="not found"):
         InceptionFeatures(tmp_path / "nope.pth")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pth")
@@ -128,17 +122,36 @@ def test_dci_scores_a_disentangled_code_near_one_and_a_rotated_code_lower():
 
 
 # ---------------------------------------------------------------- probe and random-init encoders
-def test_probe_reaches_100_percent_on_linearly_separable_features():
-    from diffrep.stages.linear_probe import probe_all
+def test_probe_protocol_chooses_on_val_and_reaches_100_percent_on_separable_features():
+    from diffrep.eval.probe import Probe
 
-    cfg = parse_config({"probe": {"seeds": [0, 1, 2], "epochs": 50, "batch_size": 50}})
+    cfg = parse_config({"probe": {"seeds": [0, 1, 2], "epochs": 50, "batch_size": 50, "bootstrap": 200}})
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(300) % 3
-    x = torch.randn(300, 10, generator=g) * 0.3
-    x[torch.arange(300), y] += 3.0  # class c lives along axis c
-    r = probe_all([(x[:200], x[200:])] * 3, y[:200], y[200:], 3, cfg)
-    assert r["linear"]["mean"] == pytest.approx(1.0) and len(r["linear"]["runs"]) == 3
-    assert r["knn"]["mean"] == pytest.approx(1.0) and r["dim"] == 10
+    y = torch.arange(400) % 3
+    x = torch.randn(400, 10, generator=g) * 0.3
+    x[torch.arange(400), y] += 3.0  # class c lives along axis c
+    probe = Probe(cfg.probe, y[:200], 3, run_seed=0)
+    choice = probe.choose((x[:200], x[200:300]), y[200:300])
+    assert choice["knn_k"] in (10, 20, 50) and choice["lr"] in (1e-2, 3e-2, 1e-1) and choice["val_linear"] == 1.0
+    summary, scores = probe.report([(x[:200], x[300:])], y[300:], choice)
+    assert summary["linear"]["acc"] == 1.0 and len(summary["linear"]["seed_runs"]) == 3
+    assert summary["knn"]["acc"] == 1.0 and summary["dim"] == 10 and scores["linear"].shape == (100,)
+    again, _ = probe.report([(x[:200], x[300:])], y[300:], choice)
+    assert again == summary  # the same seed gives the same numbers
+
+
+def test_probe_choice_is_made_on_val_not_on_the_evaluated_split():
+    from diffrep.eval.probe import Probe
+
+    cfg = parse_config({"probe": {"seeds": [0], "epochs": 5, "knn_k": [1, 50]}})
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 2
+    x = torch.randn(120, 4, generator=g)
+    probe = Probe(cfg.probe, y[:100], 2, run_seed=0)
+    val_y = y[100:].clone()
+    val_x = x[:20].clone()  # val = copies of training points: k = 1 is exact there, so val must choose k = 1
+    assert probe.choose((x[:100], val_x), y[:20], linear=False)["knn_k"] == 1
+    assert "lr" not in probe.choose((x[:100], x[100:]), val_y, linear=False)
 
 
 def test_build_encoder_random_init_is_seeded_and_keeps_buffers(tmp_path):
@@ -176,54 +189,64 @@ def tiny_root(prepared_digits, tmp_path):
 
 
 def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monkeypatch):
-    from diffrep.io import read_json
-    from diffrep.stages import feature_net, generation_eval, linear_probe, report
+    from diffrep.io import read_json, write_json
+    from diffrep.stages import feature_net, fid_reference, generation_eval, linear_probe, report
 
     cfg = parse_config({
         "data": {"source": "digits", "image_size": 8},
         "runtime": {"device": "cpu"},
         "feature_net": {"width": 8, "train": {"steps": 15, "batch_size": 64, "ckpt_every": 100, "log_every": 5}},
-        "probe": {"seeds": [0, 1, 2], "epochs": 5, "pca_dim": 8},
-        "eval": {"n_samples": 100, "kid_subsets": 5, "kid_subset_size": 50},
+        "probe": {"seeds": [0, 1, 2], "epochs": 5, "pca_dim": 8, "bootstrap": 200},
+        "eval": {"n_samples": 100, "bootstrap": 20},
     }, "test")
     fm = feature_net.run(cfg, tiny_root)
-    assert 0 <= fm["test_accuracy"] <= 1 and fm["feature_dim"] == 32
+    assert fm["test_accuracy"] > 0.5 and fm["val_accuracy"] > 0.5 and fm["feature_dim"] == 32  # 10 classes: chance 0.1
     assert (tiny_root / "models/feature_net/model.pt").is_file()
     assert not (tiny_root / ".cache/checkpoints").exists() or not any((tiny_root / ".cache/checkpoints").iterdir())
+    rm = fid_reference.run(cfg, tiny_root)
+    assert rm["set"] == "test" and rm["n"] == read_json(tiny_root / "data/prepared/manifest.json")["counts"]["test"]
 
     pm = linear_probe.run(cfg, tiny_root)  # no diffusion models here: baselines only, the models listed as missing
     assert pm["missing"] == ["soda", "ul", "ldae"]
     assert set(pm["representations"]) == {"raw_pixels", "pca"}
-    assert pm["probe_raw_pixels"] > 0.5 and pm["representations"]["pca"]["dim"] == 8
+    raw = pm["representations"]["raw_pixels"]
+    assert pm["probe_raw_pixels"] == raw["linear"]["acc"] > 0.5 and pm["representations"]["pca"]["dim"] == 8
+    assert raw["linear"]["ci95"][0] < raw["linear"]["acc"] < raw["linear"]["ci95"][1]
+    assert raw["knn"]["interval"] == "wilson" and raw["knn"]["k"] in (10, 20, 50)
+    assert raw["chosen_on_val"]["lr"] in (1e-2, 3e-2, 1e-1) and pm["comparisons"] == []  # nothing trained to compare
     assert pm["lineage"]["stage"] == "linear_probe"
     bars = (tiny_root / "metrics/linear_probe_bars.csv").read_text().splitlines()
-    assert bars[0] == "representation,accuracy,std,group" and len(bars) == 3
+    assert bars[0] == "representation,accuracy,ci_low,ci_high,group" and len(bars) == 3
     assert (tiny_root / "results/linear_probe/probe_bars.png").is_file()
 
     # the Inception branch, on 6 images per set: labelled as Inception, never mixed with the feature-net keys
     inc_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
         update={"n_samples": 6, "inception_weights": str(random_inception[1])})})
     im = generation_eval.run(inc_cfg, tiny_root)
-    assert im["inception_fid_floor"] >= 0 and "inception_kid_floor" in im and "inception_fid" not in im
-    assert im["fd_featnet_floor"] != im["inception_fid_floor"]
+    assert im["fd_inception_floor"] >= 0 and "kid_inception_floor" in im and "fd_inception" not in im
+    assert im["fd_featnet_floor"] != im["fd_inception_floor"]
 
-    gm = generation_eval.run(cfg, tiny_root)  # floor only: no UL / SODA here
-    assert gm["n"] == 100 and gm["fd_featnet_floor"] > 0 and gm["missing"] == ["ul", "soda"]
-    assert "inception_fid" not in gm and "fd_featnet" not in gm
-    assert read_json(tiny_root / "metrics/generation_eval.json")["lineage"]["inputs"]
+    gm = generation_eval.run(cfg, tiny_root)  # floors only: no UL / SODA here
+    assert gm["n_floor"] == 100 and gm["fd_featnet_floor"] > 0 and gm["missing"] == ["ul"]
+    lo, hi = gm["fd_featnet_floor_ci95"]
+    assert lo < hi and "fd_featnet_floor_train" in gm and "fd_featnet" not in gm
+    assert gm["reference"]["files"][gm["reference"]["file"]] == rm["sha256"]
+    assert "data/fid_reference" in read_json(tiny_root / "metrics/generation_eval.json")["lineage"]["inputs"]
 
-    # a fabricated UL result, to render every table of the report
+    # a fabricated UL result (the floor set standing in for samples), to render every table of the report
     g = read_json(tiny_root / "metrics/generation_eval.json")
-    g |= {"fd_featnet": 3.0, "kid_featnet": 0.01, "kid_featnet_std": 0.001,
-          "fd_featnet_ratio": 3.0 / g["fd_featnet_floor"],
-          "fd_featnet_ul_recon": 1.0, "kid_featnet_ul_recon": 0.002, "fd_featnet_ul_recon_floor": 0.5,
-          "ul_recon_psnr": 20.0, "ul_recon_ssim": 0.8, "ul_bits_per_pixel": 0.1}
-    from diffrep.io import write_json
-
+    g["featnet"]["samples"] = g["featnet"]["floor_val"]
+    g["featnet"]["paired"].append({"a": "samples", "b": "floor_val", "metric": "fd", "diff": 0.0,
+                                   "diff_ci95": [-0.1, 0.1], "p_value": 0.6, "ratio": 1.0, "ratio_ci95": [0.9, 1.1],
+                                   "test": "paired bootstrap"})
     write_json(tiny_root / "metrics/generation_eval.json", g)
     row = {"features": 0.95, "raw_pixels": 0.93, "random_init": 0.94, "features_only": 30, "raw_pixels_only": 10,
            "p_value": 0.002}
-    write_json(tiny_root / "metrics/ldae.json", {"knn_by_normalization": {"none": row, "standardize": row}})
+    lp = read_json(tiny_root / "metrics/linear_probe.json")
+    lp["knn_by_normalization"] = {"k": 20, "none": row, "standardize": row}
+    lp["comparisons"] = [{"a": "raw_pixels", "b": "pca", "classifier": "linear", "verdict": "ties", "p_value": 0.4,
+                          "test": "paired sign-flip permutation (2000 draws)"}]
+    write_json(tiny_root / "metrics/linear_probe.json", lp)
     published = []
     monkeypatch.setenv("DIFFREP_FLOW_RUN_ID", "flow-123")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
@@ -231,10 +254,12 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
     out = report.run(cfg, tiny_root)
     md = (tiny_root / "reports/report.md").read_text()
     assert out["published"] and published[0]["key"] == "diffrep-report" and published[0]["markdown"] == md
-    for text in ("## Linear probe", "raw_pixels", "## Generation", "FD (featnet)", "## Reconstruction",
+    probe_row = f"{100 * raw['linear']['acc']:.1f}% [{100 * raw['linear']['ci95'][0]:.1f}, "
+    for text in ("## Linear probe", "raw_pixels", probe_row, "## Generation", "FD (featnet)",
+                 "real val images (honest floor)", "cannot be told from", "**raw_pixels** ties with **pca**",
                  "## l-DAE kNN against raw pixels", "| standardize | 95.0% | 94.0% | 93.0% | 30 / 10 (p = 0.002) |",
                  "## Lineage", "`metrics/feature_net.json`", "## Params", "Inception FID: not measured",
-                 "figures/linear_probe_bars.png", "soda, ul_stage1, ul_stage2."):
+                 "figures/linear_probe_bars.png", "soda, ul_stage1, ul_stage2"):
         assert text in md, text
     assert (tiny_root / "reports/figures/linear_probe_bars.png").is_file()
 
@@ -276,8 +301,8 @@ def test_mcnemar_exact_against_closed_forms():
         mcnemar_exact(vec([1, 0]), vec([1, 0, 1]))
 
 
-def test_knn_correct_agrees_with_knn_accuracy():
-    from diffrep.eval.probe import knn_accuracy, knn_correct
+def test_knn_correct_on_planted_clusters():
+    from diffrep.eval.probe import accuracy, knn_correct
 
     g = torch.Generator().manual_seed(0)
     train_y, test_y = torch.arange(60) % 3, torch.arange(30) % 3
@@ -286,7 +311,7 @@ def test_knn_correct_agrees_with_knn_accuracy():
     test_x = centres[test_y] + torch.randn(30, 8, generator=g)
     correct = knn_correct(train_x, train_y, test_x, test_y, 3, k=5)
     assert correct.shape == (30,) and correct.dtype == torch.bool
-    assert correct.sum().item() / 30 == knn_accuracy(train_x, train_y, test_x, test_y, 3, k=5)
+    assert accuracy(correct) == correct.sum().item() / 30 > 0.9  # well-separated clusters
 
 
 def test_normalize_for_knn_uses_training_statistics():

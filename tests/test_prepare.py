@@ -30,20 +30,22 @@ def test_prepare_writes_verified_artifacts(prepared_digits, digits_raw):
     prep = load_prepared(root / "data/prepared")
     m = prep.manifest
     assert m["source"] == "digits" and m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10
-    assert m["counts"] == {"train": 1438, "test": 359} and sum(m["class_counts"]["test"]) == 359
+    assert m["counts"] == {"train": 1259, "val": 179, "test": 359} and sum(m["class_counts"]["test"]) == 359
     for name, digest in m["files"].items():
         assert file_hash(root / "data/prepared" / name) == digest
-    assert prep.images("train").dtype == np.uint8 and prep.images("train").shape == (1438, 1, 8, 8)
+    assert prep.images("train").dtype == np.uint8 and prep.images("train").shape == (1259, 1, 8, 8)
+    prep.release_test()
     assert prep.labels("test").dtype == np.int64 and prep.array("train", "poses") is None
     # the arrays are the seeded split of the source, quantised as round(x * 255); images_float maps to [-1, 1]
-    split = split_dataset(digits_raw.labels, 0.2, seed=0)
+    split = split_dataset(digits_raw.labels, 0.2, seed=0, val_fraction=0.1)
     assert np.array_equal(prep.images("train"), np.rint(digits_raw.images[split.train] * 255).astype(np.uint8))
     assert np.array_equal(prep.labels("test"), digits_raw.labels[split.test])
     x = prep.images_float("train")
     assert x.dtype.is_floating_point and x.min() == -1.0 and x.max() == 1.0
     assert np.array_equal(np.rint(x.numpy() * 127.5 + 127.5).astype(np.uint8), prep.images("train"))
 
-    assert metrics["counts"] == {"train": 1438, "test": 359, "total": 1797}
+    assert metrics["counts"] == {"train": 1259, "val": 179, "test": 359, "total": 1797}
+    assert metrics["class_balance"]["test"]["0"] == m["class_counts"]["test"][0]  # by class name
     assert metrics["validation"] == {"success": True, "n_expectations": 11, "failed": []}
     assert set(metrics["seconds"]) == {"load", "validate", "write", "total"}
     assert metrics["class_balance"]["max_min_ratio"]["train"] >= 1.0
@@ -70,7 +72,9 @@ def test_load_prepared_detects_tampering(prepared_digits, tmp_path):
     np.save(d / "test_labels.npy", arr)
     with pytest.raises(ArtifactError, match=r"test_labels\.npy.*changed.*dvc repro prepare"):
         load_prepared(d)
-    assert load_prepared(d, verify=False).labels("test")[0] == arr[0]  # verify=False skips hashing only
+    unverified = load_prepared(d, verify=False)
+    unverified.release_test()
+    assert unverified.labels("test")[0] == arr[0]  # verify=False skips hashing only
 
     np.save(d / "test_labels.npy", arr[:-1])  # wrong length, manifest hash updated to match
     m = json.loads((d / "manifest.json").read_text())
@@ -90,9 +94,10 @@ def test_shapes_prepare_keeps_objects_and_poses(tmp_path):
                    shapes={"n_objects": 8, "views_per_object": 2})
     prepare.run(cfg, tmp_path)
     prep = load_prepared(tmp_path / "data/prepared")
+    prep.release_test()
     assert prep.image_shape == (3, 8, 8) and prep.manifest["pose_layout"]
-    tr, te = prep.array("train", "object_ids"), prep.array("test", "object_ids")
-    assert len(tr) + len(te) == 16 and not set(tr) & set(te)
+    tr, va, te = (prep.array(s, "object_ids") for s in ("train", "val", "test"))
+    assert len(tr) + len(va) + len(te) == 16 and not set(tr) & set(te) and not set(va) & (set(tr) | set(te))
     assert prep.array("test", "poses").dtype == np.float32 and prep.array("train", "factors").shape[0] == len(tr)
 
 
@@ -104,7 +109,7 @@ def test_imagefolder_prepare_records_the_folder_hash(tmp_path, capsys):
     assert src["tracked_by_dvc"] is True and "warning" not in capsys.readouterr().err
     prep = load_prepared(tmp_path / "data/prepared")
     assert prep.image_shape == (3, 4, 4) and prep.class_names == ["cats", "dogs"]
-    assert prep.manifest["class_counts"] == {"train": [4, 4], "test": [1, 1]}
+    assert prep.manifest["class_counts"] == {"train": [3, 3], "val": [1, 1], "test": [1, 1]}
 
 
 def test_a_folder_outside_data_raw_is_flagged_untracked(tmp_path, capsys):
@@ -194,7 +199,8 @@ def test_wrong_image_shape_is_named(tmp_path, monkeypatch, digits_raw):
           "expectation 'image shape is 1x16x16' failed on 1797 images: digits[0], digits[1]", "and 1787 more")
 
 
-def test_train_test_duplicate_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sides", [("train", "test"), ("val", "test"), ("train", "val")])
+def test_a_duplicate_across_any_two_splits_is_named(tmp_path, monkeypatch, sides):
     f = _folder(tmp_path)
     shutil.copy(f / "cats" / "000.png", f / "dogs" / "copy_of_cat.png")
     from diffrep.data.sources import load_source
@@ -202,9 +208,12 @@ def test_train_test_duplicate_is_named(tmp_path, monkeypatch):
     raw = load_source(_imgcfg(f).data, seed=0)
     i, j = raw.ids.index("cats/000.png"), raw.ids.index("dogs/copy_of_cat.png")
     rest = [k for k in range(len(raw)) if k not in (i, j)]
-    _patched(monkeypatch, raw, Split(train=np.array(sorted([i, *rest[:6]])), test=np.array(sorted([j, *rest[6:]]))))
-    _fail(_imgcfg(f), tmp_path, "expectation 'no image in both train and test' failed on 2 images",
-          "cats/000.png (same pixels as dogs/copy_of_cat.png in test)")
+    parts = {"train": rest[:4], "val": rest[4:6], "test": rest[6:]}
+    parts[sides[0]] = [i, *parts[sides[0]]]
+    parts[sides[1]] = [j, *parts[sides[1]]]
+    _patched(monkeypatch, raw, Split(**{k: np.array(sorted(v)) for k, v in parts.items()}))
+    _fail(_imgcfg(f), tmp_path, "expectation 'no image in two splits (train, val, test)' failed on 2 images",
+          f"cats/000.png (same pixels as dogs/copy_of_cat.png in {sides[1]})")
 
 
 def test_failure_keeps_previous_good_output(tmp_path, monkeypatch, digits_raw):

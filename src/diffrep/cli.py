@@ -17,6 +17,7 @@ STAGES = {
     "ul_stage2": "diffrep.stages.ul_stage2:run",
     "ldae": "diffrep.stages.ldae:run",
     "feature_net": "diffrep.stages.feature_net:run",
+    "fid_reference": "diffrep.stages.fid_reference:run",
     "linear_probe": "diffrep.stages.linear_probe:run",
     "generation_eval": "diffrep.stages.generation_eval:run",
     "report": "diffrep.stages.report:run",

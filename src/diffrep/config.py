@@ -35,6 +35,7 @@ class DataConfig(Section):
     path: str | None = None  # imagefolder: the folder; torchvision: "Name:root", e.g. "CIFAR10:data/raw/cifar"
     image_size: int = Field(16, ge=4, le=512)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved out of the rest, for every choice (never test)
     min_per_class: int = Field(2, ge=1)  # validation: fewer images in a class is an error
     min_rows: int = Field(20, ge=2)  # validation: fewer images in all is an error
     shapes: ShapesConfig = ShapesConfig()
@@ -43,6 +44,9 @@ class DataConfig(Section):
     def _path_when_needed(self) -> "DataConfig":
         if self.source in ("imagefolder", "torchvision") and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError(f"data.test_fraction + data.val_fraction = {self.test_fraction + self.val_fraction:g} "
+                             "leaves nothing to train on: keep their sum below 1")
         return self
 
 
@@ -215,17 +219,27 @@ class FeatureNetConfig(Section):
 
 
 class LinearProbeConfig(Section):
-    """`probe`: frozen features -> BatchNorm(affine=False) -> linear (the MAE recipe), and weighted kNN."""
+    """`probe`: frozen features -> BatchNorm(affine=False) -> linear (the MAE recipe), and weighted kNN.
+
+    The one protocol of every stage (eval/probe.py): `lr` and `knn_k` are candidates, chosen on val.
+    """
 
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)  # probe head init + data order (+ random-init encoders)
-    epochs: int = Field(50, ge=1)  # at lr 3e-2: within ~1 point of 100 epochs at 1e-2 for a third of the time
+    epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(3e-2, gt=0)
+    lr: tuple[float, ...] = Field((1e-2, 3e-2, 1e-1), min_length=1)  # candidates; the best on val is used
     weight_decay: float = Field(1e-4, ge=0)
-    knn_k: int = Field(20, ge=1)
+    knn_k: tuple[int, ...] = Field((10, 20, 50), min_length=1)  # candidates; the best on val is used
     knn_temperature: float = Field(0.07, gt=0)
     pca_dim: int = Field(32, ge=1)  # the PCA-on-raw-pixels baseline
     random_init: bool = True  # probe a freshly initialised copy of each encoder (the honest baseline)
+    bootstrap: int = Field(2000, ge=100)  # resamples for intervals of seed-averaged scores and permutation tests
+
+    @model_validator(mode="after")
+    def _positive(self) -> "LinearProbeConfig":
+        if any(lr <= 0 for lr in self.lr) or any(k < 1 for k in self.knn_k):
+            raise ValueError("probe.lr candidates must be > 0 and probe.knn_k candidates >= 1")
+        return self
 
 
 class DciConfig(Section):
@@ -241,15 +255,14 @@ class DciConfig(Section):
 
 
 class EvalConfig(Section):
-    """`eval`: the generation_eval stage (stages/generation_eval.py)."""
+    """`eval`: the fid_reference and generation_eval stages (FD/KID against stored reference statistics)."""
 
-    n_samples: int = Field(500, ge=2)  # UL samples; real sets have the same size (clipped to the split sizes)
+    n_samples: int = Field(500, ge=2)  # UL samples per sample seed; the floors use as many real images
+    sample_seeds: tuple[int, ...] = Field((0, 1), min_length=1)  # independent sample draws; FD/KID are their mean
+    bootstrap: int = Field(200, ge=20)  # resamples for the FD/KID intervals and paired tests
     base_steps: int | None = Field(None, ge=1)  # None: ul.stage2.diffusion.sample_steps
     decoder_steps: int | None = Field(None, ge=1)  # None: ul.stage1.decoder_diffusion.sample_steps
-    recon_images: int = Field(128, ge=2)  # test images: UL/SODA reconstruction (+ its FD), bits/px, novel views
-    soda_steps: int | None = Field(None, ge=1)  # None: soda.diffusion.sample_steps
-    kid_subsets: int = Field(50, ge=1)
-    kid_subset_size: int = Field(250, ge=2)  # clipped to the set sizes; below n so the subsets differ
+    recon_images: int = Field(128, ge=2)  # test images reconstructed by UL stage 1 for the reconstruction FD
     batch_size: int = Field(250, ge=1)  # images per forward pass
     grid_images: int = Field(64, ge=1)
     inception_weights: str | None = None  # local standard FID InceptionV3 weights (.pth) -> also inception_fid

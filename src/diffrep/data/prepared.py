@@ -2,15 +2,20 @@
 
     train_images.npy  uint8 (N, C, H, W), round(x * 255) of the validated [0, 1] floats
     train_labels.npy  int64 (N,)
-    test_images.npy, test_labels.npy
+    val_images.npy, val_labels.npy, test_images.npy, test_labels.npy
     {split}_factors.npy float32 (N, F), {split}_poses.npy float32 (N, P),
     {split}_object_ids.npy int64 (N,)          only for sources that have them
     manifest.json     source, image_shape, class_names, num_classes, counts,
                       class_counts, factor_names, pose_layout, seed,
-                      test_fraction, files {name: sha256}
+                      test_fraction, val_fraction, files {name: sha256}
 
 uint8 keeps the folder small (DVC caches it) and exact: images_float()
 maps k/255 to 2k/255 - 1 in [-1, 1], the range every model trains in.
+
+Choose on val, report on test, once: a loaded `Prepared` refuses to hand out
+the test split until `release_test()` is called, which a stage does after every
+choice (probe settings, kNN k, ...) has been made on val. A stage that peeks at
+test while choosing fails with `TestSplitLocked` instead of silently tuning on it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from diffrep.data.split import Split
 from diffrep.data.types import RawDataset
 from diffrep.io import ArtifactError, file_hash, load_npy, read_json, save_npy, write_json
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 OPTIONAL = {"factors": np.float32, "poses": np.float32, "object_ids": np.int64}
 _RERUN = "re-run `dvc repro prepare` (or `diffrep stage prepare`) to rebuild it"
 
@@ -34,13 +39,17 @@ def quantise(images: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+class TestSplitLocked(RuntimeError):
+    """The test split was read before the stage finished choosing on val."""
+
+
 def write_prepared(out: Path, raw: RawDataset, split: Split, *, seed: int, test_fraction: float,
-                   extra: dict | None = None) -> dict:
+                   val_fraction: float, extra: dict | None = None) -> dict:
     """Write every array and the manifest into the (temporary) folder `out`; return the manifest."""
     out = Path(out)
     k = len(raw.class_names)
     arrays: dict[str, np.ndarray] = {}
-    for name, idx in zip(SPLITS, (split.train, split.test)):
+    for name, idx in split.parts().items():
         arrays[f"{name}_images"] = quantise(raw.images[idx])
         arrays[f"{name}_labels"] = raw.labels[idx].astype(np.int64)
         for field, dtype in OPTIONAL.items():
@@ -62,6 +71,7 @@ def write_prepared(out: Path, raw: RawDataset, split: Split, *, seed: int, test_
         "pose_layout": raw.pose_layout,
         "seed": seed,
         "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
         **(extra or {}),
         "files": files,
     }
@@ -88,12 +98,25 @@ class Prepared:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["image_shape"])
 
+    test_released: bool = False
+
+    def release_test(self) -> None:
+        """Every choice is made: from now on the test split may be read (for the reported numbers)."""
+        self.test_released = True
+
+    def _key(self, split: str, name: str) -> str:
+        if _check_split(split) == "test" and not self.test_released:
+            raise TestSplitLocked(
+                f"the test split of {self.path} was read before release_test(): choices (probe settings, kNN k, "
+                "checkpoints) are made on val; read test only for the reported numbers, after release_test()")
+        return f"{split}_{name}"
+
     # -- arrays
     def images(self, split: str) -> np.ndarray:
-        return self.arrays[f"{_check_split(split)}_images"]  # uint8 (N, C, H, W)
+        return self.arrays[self._key(split, "images")]  # uint8 (N, C, H, W)
 
     def labels(self, split: str) -> np.ndarray:
-        return self.arrays[f"{_check_split(split)}_labels"]
+        return self.arrays[self._key(split, "labels")]
 
     def images_float(self, split: str, device=None):
         """torch float32 (N, C, H, W) in [-1, 1]."""
@@ -104,7 +127,7 @@ class Prepared:
 
     def array(self, split: str, name: str) -> np.ndarray | None:
         """Any stored array by name ("images", "labels", "factors", "poses", "object_ids"); None if absent."""
-        return self.arrays.get(f"{_check_split(split)}_{name}")
+        return self.arrays.get(self._key(split, name))
 
 
 def _check_split(split: str) -> str:

@@ -76,17 +76,20 @@ def image_table(raw: RawDataset, split: Split) -> tuple[pd.DataFrame, dict[str, 
     hashes = [hashlib.sha256(np.ascontiguousarray(raw.images[i]).tobytes()).hexdigest() for i in range(n)]
 
     side = np.full(n, "none", dtype=object)
-    side[split.train], side[split.test] = "train", "test"
-    first: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # hash -> first row on that side
+    parts = split.parts()
+    for name, idx in parts.items():
+        side[idx] = name
+    first: dict[str, dict[str, int]] = {name: {} for name in parts}  # hash -> first row on that side
     for i, h in enumerate(hashes):
         if side[i] in first:
             first[side[i]].setdefault(h, i)
-    dup = np.array([h in first["train"] and h in first["test"] for h in hashes], dtype=bool)
     reasons = {}
-    for i in np.flatnonzero(dup):
-        other = "test" if side[i] == "train" else "train"
-        j = first[other][hashes[i]]
-        reasons[raw.ids[i]] = f"same pixels as {raw.ids[j]} in {other}"
+    dup = np.zeros(n, dtype=bool)
+    for i, h in enumerate(hashes):  # an image whose exact pixels also sit in another split
+        others = [o for o in parts if o != side[i] and h in first[o]]
+        if side[i] in first and others:
+            dup[i] = True
+            reasons[raw.ids[i]] = f"same pixels as {raw.ids[first[others[0]][h]]} in {others[0]}"
 
     c, h, w = raw.images.shape[1:] if raw.images.ndim == 4 else (np.nan, np.nan, np.nan)
     readable = pd.DataFrame({
@@ -126,12 +129,11 @@ def class_table(raw: RawDataset, split: Split) -> pd.DataFrame:
         y = raw.labels[idx]
         return np.bincount(y[(y >= 0) & (y < k)], minlength=k)
 
-    n_train, n_test = count(split.train), count(split.test)
+    n = {name: count(idx) for name, idx in split.parts().items()}
     return pd.DataFrame({
         "class_name": list(raw.class_names),
-        "n_train": n_train.astype(np.int64),
-        "n_test": n_test.astype(np.int64),
-        "n_images": (n_train + n_test).astype(np.int64),
+        **{f"n_{name}": c.astype(np.int64) for name, c in n.items()},
+        "n_images": sum(n.values()).astype(np.int64),
     })
 
 
@@ -157,8 +159,8 @@ def _gx_checks(cfg: DataConfig, shape: tuple[int, int, int], num_classes: int):
         (f"label in the {num_classes} declared classes", "images", "images",
          "labels must index the declared class list",
          [E.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(num_classes)))]),
-        ("no image in both train and test", "images", "images",
-         "remove the duplicate files (exact same pixels) so that test images are unseen",
+        ("no image in two splits (train, val, test)", "images", "images",
+         "remove the duplicate files (exact same pixels) so that val and test images are unseen",
          [E.ExpectColumnValuesToBeInSet(column="duplicate_across_splits", value_set=[False])]),
         (f"at least {cfg.min_per_class} images per class", "classes", "classes",
          "add images to these classes, delete their folders, or lower data.min_per_class",
@@ -271,8 +273,7 @@ def validate_dataset(raw: RawDataset, split: Split, cfg: DataConfig) -> Validati
     counts = {
         "images": int(len(raw.labels)),
         "unreadable": len(raw.unreadable),
-        "train": int(len(split.train)),
-        "test": int(len(split.test)),
+        **{name: int(len(idx)) for name, idx in split.parts().items()},
         "classes": len(raw.class_names),
     }
     return ValidationReport(all(r.success for r in results), results, counts, reasons, time.perf_counter() - t0)

@@ -20,13 +20,19 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
-def pca_features(train: torch.Tensor, *others: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """The top `dim` principal components (sklearn PCA fitted on `train`) of train and of each other set."""
+def fit_pca(train: torch.Tensor, *, dim: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """sklearn PCA with `dim` components fitted on `train` (N, D) -> a function projecting any (M, D) on them."""
     from sklearn.decomposition import PCA
 
     dim = min(dim, train.shape[1], len(train))
     pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(train.numpy())
-    return tuple(torch.from_numpy(pca.transform(x.numpy())).float() for x in (train, *others))
+    return lambda x: torch.from_numpy(pca.transform(x.numpy())).float()
+
+
+def pca_features(train: torch.Tensor, *others: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """The top `dim` principal components (fitted on `train`) of train and of each other set."""
+    project = fit_pca(train, dim=dim, seed=seed)
+    return tuple(project(x) for x in (train, *others))
 
 
 def spread(n: int, k: int) -> torch.Tensor:

@@ -31,8 +31,7 @@ def accuracy(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, device) -> float
 def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("feature_net", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
-        train_x, test_x = prep.images_float("train"), prep.images_float("test")
-        train_y, test_y = torch.from_numpy(prep.labels("train")), torch.from_numpy(prep.labels("test"))
+        train_x, train_y = prep.images_float("train"), torch.from_numpy(prep.labels("train"))
         model = FeatureNet(cfg.feature_net, prep.image_shape, prep.num_classes)
         params = runner.section_params(cfg, "feature_net")
         inputs = [ctx.path(PREPARED)]
@@ -41,8 +40,10 @@ def run(cfg: Config, root: Path) -> dict | None:
         if not ctx.is_main:
             return None
         ema, dev = result.ema, ctx.runtime.device
+        prep.release_test()  # nothing is chosen here
         metrics = {
-            "test_accuracy": accuracy(ema, test_x, test_y, dev),
+            "val_accuracy": accuracy(ema, prep.images_float("val"), torch.from_numpy(prep.labels("val")), dev),
+            "test_accuracy": accuracy(ema, prep.images_float("test"), torch.from_numpy(prep.labels("test")), dev),
             "train_accuracy": accuracy(ema, train_x, train_y, dev),
             "feature_dim": ema.num_features,
             "num_classes": prep.num_classes,

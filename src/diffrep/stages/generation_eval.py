@@ -1,18 +1,19 @@
-"""`generation_eval` stage: sample quality, reconstruction and disentanglement, each beside its floor.
+"""`generation_eval` stage: UL sample and reconstruction quality against stored reference statistics.
 
-Feature space: the in-domain classifier (models/feature_net; keys `*_featnet`).
-With `eval.inception_weights` set, the standard Inception FID too (keys `inception_*`).
-All sets have the same size n = min(eval.n_samples, |test|, |train|), so the
-finite-sample bias of the Fréchet distance is the same in every comparison:
-  fd_featnet            UL stage-2 samples (8-bit quantised like the data) vs n test images
-  fd_featnet_floor      n train images vs the same n test images: real-vs-real, the best reachable
-  fd_featnet_ratio      fd_featnet / fd_featnet_floor
-  fd_featnet_ul_recon   UL stage-1 reconstructions of the first r = eval.recon_images of those test
-                        images vs those images, beside its own floor at size r (fd_featnet_ul_recon_floor)
-Reconstruction (the same r test images): UL and SODA PSNR/SSIM,
-UL bits per pixel (the prior's ELBO, as in ul_stage1). With poses (shapes): SODA
-novel-view PSNR/SSIM against the true view, beside copying the source view. With
-factors (shapes): DCI of SODA z and UL latents, beside PCA of the pixels.
+Feature space: the in-domain classifier (models/feature_net; keys `*_featnet`); the
+reference: its features of the real test split, stored by the `fid_reference` stage
+(data/fid_reference/, hashed in the lineage). Every set is compared with that reference:
+  samples           UL stage-2 samples (8-bit quantised like the data), `eval.n_samples` per seed
+                    in `eval.sample_seeds`; FD and KID are means over the seeds
+  floor_val         real val images (as many as one seed's samples, at most all of val): the honest
+                    real-vs-real floor, two disjoint sets the feature net never trained on
+  floor_train       as many real train images: the older train-vs-test floor, kept beside it, labelled
+                    (the feature net trained on these images)
+  fd_featnet_ratio  samples / floor_val, with a paired-bootstrap interval
+UL reconstructions of `eval.recon_images` test images get an FD against those images, beside
+the same number of val images against them (their floor). Every FD and KID carries a 95%
+percentile-bootstrap interval and each comparison a paired bootstrap test (eval/distances.py).
+With factors (shapes): DCI of SODA z and UL latents, beside PCA of the pixels.
 
 Writes results/generation_eval/ (sample and reconstruction grids) and
 metrics/generation_eval.json (flat headline keys, details, lineage).
@@ -28,24 +29,39 @@ import torch
 from diffrep.config import Config
 from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.dci import dci
-from diffrep.eval.features import batched, pca_features, quantise
+from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.fid import InceptionFeatures, distances, extract
+from diffrep.eval.features import batched, pca_features, quantise
+from diffrep.eval.fid import InceptionFeatures
 from diffrep.eval.grid import interleave, save_grid
+from diffrep.eval.reference import load_reference
 from diffrep.eval.ul import reconstruction
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import FILE, load_model
 from diffrep.stages import runner
 from diffrep.train.rng import derive_seed
 
-PREPARED = Path("data/prepared")
-FEATNET = Path("models/feature_net")
+PREPARED, FEATNET, REFERENCE = Path("data/prepared"), Path("models/feature_net"), Path("data/fid_reference")
 UL1, UL2, SODA = Path("models/ul_stage1"), Path("models/ul_stage2"), Path("models/soda")
 OUT = Path("results/generation_eval")
 
 
 def subset(n_total: int, n: int, *keys) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(*keys)))[:n]
+
+
+def headline(d: dict, space: str) -> dict:
+    """Flat keys for `dvc exp show`: FD and KID of the samples, the floors, the ratio, with interval ends."""
+    m = {}
+    for name, key in (("samples", ""), ("floor_val", "_floor"), ("floor_train", "_floor_train")):
+        if name in d:
+            for metric in ("fd", "kid"):
+                m[f"{metric}_{space}{key}"] = d[name][metric]
+                m[f"{metric}_{space}{key}_ci95"] = d[name][f"{metric}_ci95"]
+    for row in d["paired"]:
+        if row["metric"] == "fd" and row["a"] == "samples" and row["b"] == "floor_val":
+            m[f"fd_{space}_ratio"], m[f"fd_{space}_ratio_ci95"] = row["ratio"], row["ratio_ci95"]
+    return m
 
 
 def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
@@ -69,84 +85,82 @@ def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("generation_eval", cfg, root) as ctx:
         if not ctx.is_main:
             return None
-        e, dev, seconds = cfg.eval, ctx.runtime.device, {}
+        e, dev, seconds, t = cfg.eval, ctx.runtime.device, {}, time.perf_counter()
         prep = load_prepared(ctx.path(PREPARED))
         net = load_feature_net(ctx.path(FEATNET)).to(dev)
-        inputs, missing, grids = [ctx.path(PREPARED), ctx.path(FEATNET)], [], []
-        train_x, test_x = prep.images_float("train"), prep.images_float("test")
-        test_y = torch.from_numpy(prep.labels("test"))
-        n = min(e.n_samples, len(test_x), len(train_x))
-        r = min(e.recon_images, n)
-        test_idx = subset(len(test_x), n, "eval-test", cfg.seed)
-        train_idx = subset(len(train_x), n, "eval-train", cfg.seed)
-        real, other = test_x[test_idx], train_x[train_idx]
-        kid = {"subsets": e.kid_subsets, "subset_size": e.kid_subset_size, "seed": cfg.seed}
+        ref, ref_manifest = load_reference(ctx.path(REFERENCE))
+        inputs, missing, grids = [ctx.path(PREPARED), ctx.path(FEATNET), ctx.path(REFERENCE)], [], []
+        boot = {"resamples": e.bootstrap, "seed": cfg.seed}
 
         def featnet(x: torch.Tensor) -> torch.Tensor:
-            return extract(net.features, x, batch_size=e.batch_size, device=dev)
+            return batched(net.features, x, batch_size=e.batch_size, device=dev).float()
 
-        t = time.perf_counter()
-        f_real = featnet(real)
-        floor = distances(f_real, featnet(other), space="featnet", **kid)
-        acc = (batched(net.predict, test_x, device=dev) == test_y).float().mean().item()
-        m: dict = {"n": n, "recon_images": r, "featnet_test_accuracy": acc, "featnet_dim": net.num_features,
-                   "fd_featnet_floor": floor["fd_featnet"], "kid_featnet_floor": floor["kid_featnet"],
-                   "kid_featnet_floor_std": floor["kid_featnet_std"]}
-        seconds["floor"] = time.perf_counter() - t
+        val_x, train_x = prep.images_float("val"), prep.images_float("train")
+        n_floor = min(e.n_samples, len(val_x), len(train_x))
+        real = {"floor_val": val_x[subset(len(val_x), n_floor, "eval-val", cfg.seed)],
+                "floor_train": train_x[subset(len(train_x), n_floor, "eval-train", cfg.seed)]}
+        sets = {name: [featnet(x)] for name, x in real.items()}
+        m: dict = {"reference": ref_manifest | {"path": str(REFERENCE)}, "n_floor": n_floor,
+                   "feature_space": f"featnet = pooled penultimate layer ({net.num_features}-d) of the in-domain "
+                                    "classifier models/feature_net, not Inception"}
 
         have_ul = (ctx.path(UL1) / FILE).is_file() and (ctx.path(UL2) / FILE).is_file()
-        samples = None
+        samples = []
         if have_ul:
             inputs += [ctx.path(UL1), ctx.path(UL2)]
             t = time.perf_counter()
-            samples = quantise(sample_ul(ctx.path(UL1), ctx.path(UL2), n, seed=cfg.seed, base_steps=e.base_steps,
-                                         decoder_steps=e.decoder_steps, device=dev))
+            samples = [quantise(sample_ul(ctx.path(UL1), ctx.path(UL2), e.n_samples, device=dev,
+                                          seed=derive_seed("eval-samples", cfg.seed, s), base_steps=e.base_steps,
+                                          decoder_steps=e.decoder_steps)) for s in e.sample_seeds]
+            sets["samples"] = [featnet(x) for x in samples]
             seconds["ul_sample"] = time.perf_counter() - t
-            m |= distances(f_real, featnet(samples), space="featnet", **kid)
-            m["fd_featnet_ratio"] = m["fd_featnet"] / max(m["fd_featnet_floor"], 1e-12)
-            t = time.perf_counter()
-            stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev)
-            g = torch.Generator().manual_seed(derive_seed("ul-recon", cfg.seed))
-            _, recon = reconstruction(stage1, real[:r], generator=g, steps=e.decoder_steps, device=dev,
-                                      batch_size=e.batch_size)
-            # r < n images: the reconstruction FD gets its own real-vs-real floor at size r
-            f_real_r = f_real[:r]
-            rec = distances(f_real_r, featnet(recon), space="featnet", **kid)
-            rec_floor = distances(f_real_r, featnet(other[:r]), space="featnet", **kid)
-            m |= {"fd_featnet_ul_recon": rec["fd_featnet"], "kid_featnet_ul_recon": rec["kid_featnet"],
-                  "fd_featnet_ul_recon_floor": rec_floor["fd_featnet"],
-                  "fd_featnet_ul_recon_ratio": rec["fd_featnet"] / max(rec_floor["fd_featnet"], 1e-12)}
-            seconds["ul_recon"] = time.perf_counter() - t
-            grids += [("ul_samples.png", samples[: e.grid_images], 8),
-                      ("ul_recon.png", interleave(real[:16], recon[:16]), 8)]
+            grids.append(("ul_samples.png", samples[0][: e.grid_images], 8))
         else:
             missing.append("ul")
             print(f"[generation_eval] {UL1} or {UL2} not found: skipping UL sampling and reconstruction")
+        t = time.perf_counter()
+        pairs = [("samples", "floor_val"), ("floor_train", "floor_val")] if have_ul else [("floor_train", "floor_val")]
+        m["featnet"] = distances(ref, sets, pairs=pairs, **boot)
+        m |= headline(m["featnet"], "featnet")
+        seconds["distances"] = time.perf_counter() - t
 
-        soda = None  # SODA's reconstructions and novel views are the soda stage's (eval/soda.py); here: DCI
-        if (ctx.path(SODA) / FILE).is_file():
-            inputs.append(ctx.path(SODA))
-            soda = load_model(ctx.path(SODA), "soda").to(dev)
-        else:
-            missing.append("soda")
+        prep.release_test()  # nothing is chosen in this stage; test images are the reconstruction targets
+        test_x = prep.images_float("test")
+        if have_ul:
+            t = time.perf_counter()
+            stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev)
+            r = min(e.recon_images, len(test_x), len(val_x))
+            targets = test_x[subset(len(test_x), r, "eval-test", cfg.seed)]
+            g = torch.Generator().manual_seed(derive_seed("ul-recon", cfg.seed))
+            _, recon = reconstruction(stage1, targets, generator=g, steps=e.decoder_steps, device=dev,
+                                      batch_size=e.batch_size)
+            rec = distances(featnet(targets), {"recon": [featnet(recon)], "floor_val": [featnet(real["floor_val"][:r])]},
+                            pairs=[("recon", "floor_val")], **boot)
+            m["ul_recon_featnet"] = rec | {"n": r}
+            m |= {"fd_featnet_ul_recon": rec["recon"]["fd"], "fd_featnet_ul_recon_ci95": rec["recon"]["fd_ci95"],
+                  "fd_featnet_ul_recon_floor": rec["floor_val"]["fd"], "fd_featnet_ul_recon_ratio": rec["paired"][0]["ratio"]}
+            grids.append(("ul_recon.png", interleave(targets[:16], recon[:16]), 8))
+            seconds["ul_recon"] = time.perf_counter() - t
 
-        if e.inception_weights:
+        if e.inception_weights:  # the standard FID: reference = the same test images, features made here
             t = time.perf_counter()
             inc = InceptionFeatures(e.inception_weights).to(dev)
-            f_inc = extract(inc, real, batch_size=50, device=dev)
-            fl = distances(f_inc, extract(inc, other, batch_size=50, device=dev), space="inception", **kid)
-            m |= {"inception_fid_floor": fl["fd_inception"], "inception_kid_floor": fl["kid_inception"]}
-            if samples is not None:
-                s = distances(f_inc, extract(inc, samples, batch_size=50, device=dev), space="inception", **kid)
-                m |= {"inception_fid": s["fd_inception"], "inception_kid": s["kid_inception"],
-                      "inception_kid_std": s["kid_inception_std"]}
+
+            def inception(x: torch.Tensor) -> torch.Tensor:
+                return batched(inc, x, batch_size=50, device=dev).float()
+
+            inc_sets = {name: [inception(x)] for name, x in real.items()} | (
+                {"samples": [inception(x) for x in samples]} if samples else {})
+            m["inception"] = distances(inception(test_x), inc_sets, pairs=pairs, **boot)
+            m |= headline(m["inception"], "inception")
             seconds["inception"] = time.perf_counter() - t
 
         if prep.array("train", "factors") is not None:
             t = time.perf_counter()
             encoders = {}
-            if soda is not None:
-                encoders["soda"] = soda.encode
+            if (ctx.path(SODA) / FILE).is_file():
+                inputs.append(ctx.path(SODA))
+                encoders["soda"] = load_model(ctx.path(SODA), "soda").to(dev).encode
             if have_ul:
                 encoders["ul"] = stage1.features
             m["dci"] = dci_all(encoders, prep, cfg, dev)
@@ -159,8 +173,7 @@ def run(cfg: Config, root: Path) -> dict | None:
             for fname, images, ncol in grids:
                 save_grid(tmp / fname, images, ncol=ncol)
         m["missing"] = missing
-        m["feature_space"] = (f"featnet = pooled penultimate layer ({net.num_features}-d) of the in-domain classifier "
-                              "models/feature_net, not Inception")
+        m["featnet_test_accuracy"] = (batched(net.predict, test_x, device=dev)
+                                      == torch.from_numpy(prep.labels("test"))).double().mean().item()
         m["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-        params = runner.section_params(cfg, "eval")
-        return runner.finish(ctx, m, params=params, inputs=inputs, outputs=[ctx.path(OUT)])
+        return runner.finish(ctx, m, params=runner.section_params(cfg, "eval"), inputs=inputs, outputs=[ctx.path(OUT)])

@@ -75,7 +75,8 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
               f"(see {RAW}/README.md), or run `dvc repro -f prepare` after changing it.", file=sys.stderr)
     raw = load_source(cfg.data, cfg.seed, root=root)
     t_load = time.perf_counter()
-    split = split_dataset(raw.labels, cfg.data.test_fraction, cfg.seed, object_ids=raw.object_ids)
+    split = split_dataset(raw.labels, cfg.data.test_fraction, cfg.seed, object_ids=raw.object_ids,
+                          val_fraction=cfg.data.val_fraction)
     report = validate_dataset(raw, split, cfg.data)
     t_validate = time.perf_counter()
     if not report.success:
@@ -84,6 +85,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     info = source_info(cfg.data, raw, root)
     with atomic_dir(root / PREPARED) as tmp:
         manifest = write_prepared(tmp, raw, split, seed=cfg.seed, test_fraction=cfg.data.test_fraction,
+                                  val_fraction=cfg.data.val_fraction,
                                   extra={"source_info": info})
     write_json(root / REPORT, {"source": cfg.data.source, **report.to_dict()})
     t_write = time.perf_counter()
@@ -94,7 +96,10 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         "image_shape": manifest["image_shape"],
         "num_classes": manifest["num_classes"],
         "counts": {**manifest["counts"], "total": sum(manifest["counts"].values())},
-        "class_balance": {**cc, "max_min_ratio": {s: _balance(c) for s, c in cc.items()}},
+        "class_names": manifest["class_names"],
+        # per split, images of each class by name (the manifest keeps the same counts by class index)
+        "class_balance": {**{s: dict(zip(manifest["class_names"], c)) for s, c in cc.items()},
+                          "max_min_ratio": {s: _balance(c) for s, c in cc.items()}},
         "validation": {"success": True, "n_expectations": report.to_dict()["n_expectations"], "failed": []},
         "seconds": {
             "load": round(t_load - t0, 3),
@@ -109,7 +114,8 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     write_json(root / METRICS, metrics)
 
     s = metrics["seconds"]
-    print(f"[prepare] {cfg.data.source}: {manifest['counts']['train']} train / {manifest['counts']['test']} test, "
+    n = manifest["counts"]
+    print(f"[prepare] {cfg.data.source}: {n['train']} train / {n['val']} val / {n['test']} test, "
           f"{manifest['num_classes']} classes, images {'x'.join(map(str, manifest['image_shape']))}; "
           f"{metrics['validation']['n_expectations']} expectations passed; "
           f"load {s['load']:.1f}s, validate {s['validate']:.1f}s, write {s['write']:.1f}s, total {s['total']:.1f}s")

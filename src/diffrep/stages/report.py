@@ -4,11 +4,13 @@ Reads metrics/<stage>.json of every stage (a missing one is named, not an
 error: a partial pipeline still gets a report) and the image grids the stages
 wrote; writes reports/report.md and reports/figures/*.png (copies, linked
 relatively, so the folder is self-contained). Sections: data, linear probe
-(with raw-pixel, PCA and random-init baselines), generation (Fréchet distance
-and KID in the feature-net space with the real-vs-real floor; Inception FID
-only when measured), reconstruction and bits/px, novel views and DCI when the
-data has them, training runs, the resolved params and the lineage summary
-(stage -> git commit, input hashes) of every metrics file.
+(with raw-pixel, PCA and random-init baselines, 95% intervals), the comparisons
+(every sentence's verb comes from its paired test: "beats"/"loses" only at
+p < 0.05, else "ties"), generation (FD and KID in the feature-net space against
+the stored test reference, beside the honest val floor and the older train
+floor; Inception FID only when measured), reconstruction and bits/px, novel
+views and DCI when the data has them, training runs, the resolved params and
+the lineage summary (stage -> git commit, input hashes) of every metrics file.
 
 Under the Prefect pipeline flow, `publish_prefect_artifact(md)` publishes the
 page as a markdown artifact (see its docstring for when it runs).
@@ -26,15 +28,15 @@ from diffrep.config import Config, to_dict
 from diffrep.io import ArtifactError, atomic_dir, read_json
 
 OUT = Path("reports")
-STAGES = ("prepare", "feature_net", "soda", "ul_stage1", "ul_stage2", "ldae", "linear_probe", "generation_eval")
+STAGES = ("prepare", "feature_net", "fid_reference", "soda", "ul_stage1", "ul_stage2", "ldae", "linear_probe",
+          "generation_eval")
 # (source file, name in reports/figures/, caption)
 FIGURES = (
-    ("results/linear_probe/probe_bars.png", "linear_probe_bars.png", "Linear probe, mean ± std over seeds"),
+    ("results/linear_probe/probe_bars.png", "linear_probe_bars.png", "Linear probe on test, 95% intervals"),
     ("results/generation_eval/ul_samples.png", "ul_samples.png", "UL stage-2 samples"),
     ("results/generation_eval/ul_recon.png", "ul_recon.png", "UL reconstructions (image | reconstruction pairs)"),
-    ("results/generation_eval/soda_recon.png", "soda_recon.png", "SODA reconstructions (image | reconstruction pairs)"),
-    ("results/generation_eval/soda_novel_view.png", "soda_novel_view.png",
-     "SODA novel views (source | reconstruction | true target | synthesised target)"),
+    ("models/soda/grid.png", "soda_views.png",
+     "SODA reconstructions (image | reconstruction; with poses: source | reconstruction | true target | novel view)"),
     ("models/ldae/grid.png", "ldae_denoising.png", "l-DAE denoising (noisy input | prediction | clean)"),
 )
 
@@ -49,6 +51,17 @@ def fmt(v: Any, pct: bool = False, digits: int = 4) -> str:
     if isinstance(v, float) and abs(v) >= 1000:
         return f"{v:.0f}"
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def ci(summary: dict | None, pct: bool = True) -> str:
+    """`96.4% [95.2, 97.5]` from {acc|fd|kid, ci95}."""
+    if not summary:
+        return "—"
+    v = summary.get("acc", summary.get("value"))
+    lo, hi = summary["ci95"]
+    if pct:
+        return f"{100 * v:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{fmt(v)} [{fmt(lo, digits=3)}, {fmt(hi, digits=3)}]"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -73,8 +86,19 @@ def section_data(m: dict) -> list[str]:
         return []
     c = p.get("counts", {})
     return ["## Data", "", f"Source `{p.get('source')}`, images {'x'.join(map(str, p.get('image_shape', [])))}, "
-            f"{p.get('num_classes')} classes; {c.get('train')} train / {c.get('test')} test images; "
-            f"{p.get('validation', {}).get('n_expectations')} data expectations passed.", ""]
+            f"{p.get('num_classes')} classes; {c.get('train')} train / {c.get('val')} val / {c.get('test')} test "
+            f"images; {p.get('validation', {}).get('n_expectations')} data expectations passed. Every choice "
+            "(probe lr, kNN k, best baseline) is made on val; test is read once, for the numbers below.", ""]
+
+
+BASELINE_NOTES = {
+    "raw_pixels": "the flattened images",
+    "pca": "top principal components of the pixels (fitted on train)",
+    "ldae_random_init": "untrained l-DAE: exactly a random linear map of its PCA-projected patches plus fixed "
+                        "positions (adaLN-zero makes every block the identity at init)",
+    "soda_random_init": "SODA's encoder at a random init",
+    "ul_random_init": "UL's encoder at a random init",
+}
 
 
 def section_probe(m: dict) -> list[str]:
@@ -83,93 +107,121 @@ def section_probe(m: dict) -> list[str]:
         return []
     reps = lp.get("representations", {})
     s = lp.get("settings", {})
-    rows = [[f"**{n}**" if r.get("group") == "diffusion" else n, r.get("group", ""), str(r.get("dim")),
-             f"{fmt(r['linear']['mean'], pct=True)} ± {100 * r['linear']['std']:.1f}", fmt(r["knn"]["mean"], pct=True)]
-            for n, r in sorted(reps.items(), key=lambda kv: -kv[1]["linear"]["mean"])]
-    out = ["## Linear probe", "",
-           f"Frozen features -> BatchNorm (no affine) -> linear, test top-1, mean ± std over seeds {s.get('seeds')}; "
-           f"weighted kNN beside it. Trained encoders in bold; baselines (raw pixels, PCA, random-init encoders) "
-           f"computed in the same run. Chance: {fmt(s.get('chance'), pct=True)}.", ""]
-    out += table(["representation", "group", "dim", "linear probe", "kNN"], rows)
-    if lp.get("best_representation"):
-        out += ["", f"Best trained representation: **{lp['best_representation']}** {fmt(lp['best_probe'], pct=True)}; "
-                f"best baseline: {lp['best_baseline']} {fmt(lp['best_baseline_probe'], pct=True)} "
-                f"(margin {100 * lp['margin_over_baselines']:+.1f} points)."]
+    rows = [[f"**{n}**" if r.get("group") == "diffusion" else n, str(r.get("dim")), ci(r.get("linear")),
+             fmt(r.get("linear", {}).get("lr")), ci(r.get("knn")), str(r.get("knn", {}).get("k")),
+             BASELINE_NOTES.get(n, "trained encoder" if r.get("group") == "diffusion" else "")]
+            for n, r in sorted(reps.items(), key=lambda kv: -kv[1]["linear"]["acc"])]
+    out = ["## Linear probe and kNN", "",
+           f"Frozen features -> BatchNorm (no affine) -> linear, trained once per seed {s.get('seeds')}, per-image "
+           "correctness averaged over seeds (95% bootstrap interval over test images); weighted cosine kNN beside it "
+           f"(95% Wilson interval). lr and k chosen on val. Chance: {fmt(s.get('chance'), pct=True)}.", ""]
+    out += table(["representation", "dim", "linear probe", "lr", "kNN", "k", "what it is"], rows)
     if lp.get("missing"):
         out += ["", f"Not probed (model missing): {', '.join(lp['missing'])}."]
+    return out + [""] + section_comparisons(lp)
+
+
+def sentence(r: dict, what: str) -> str:
+    """One generated sentence per paired test; the verb is the test's verdict (eval/paired.py)."""
+    verb = {"beats": "beats", "loses": "loses to", "ties": "ties with"}[r["verdict"]]
+    counts = f"{r['a_only']} / {r['b_only']} discordant images, " if "a_only" in r else ""
+    return f"- **{r['a']}** {verb} **{r['b']}** {what} ({counts}{r['test']}, p = {r['p_value']:.2g})."
+
+
+def section_comparisons(lp: dict) -> list[str]:
+    rows = lp.get("comparisons") or []
+    if not rows:
+        return []
+    reps = lp.get("representations", {})
+    out = ["### What the paired tests say", "",
+           f"Each trained representation against the best baseline on val (linear: "
+           f"{lp.get('best_baseline', {}).get('linear')}, kNN: {lp.get('best_baseline', {}).get('knn')}) and against "
+           "each other method, on the same test images. \"beats\" needs p < 0.05.", ""]
+    for r in rows:
+        clf = "under the linear probe" if r["classifier"] == "linear" else "under kNN"
+        a, b = reps[r["a"]][r["classifier"]]["acc"], reps[r["b"]][r["classifier"]]["acc"]
+        out.append(sentence(r, f"{clf}, {100 * a:.1f}% vs {100 * b:.1f}%"))
     return out + [""]
 
 
 def section_knn_normalization(m: dict) -> list[str]:
-    by_norm = (m.get("ldae") or {}).get("knn_by_normalization")
+    by_norm = dict((m.get("linear_probe") or {}).get("knn_by_normalization") or {})
+    k = by_norm.pop("k", None)
     if not by_norm:
         return []
     rows = [[how, fmt(r["features"], pct=True), fmt(r["random_init"], pct=True), fmt(r["raw_pixels"], pct=True),
              f"{r['features_only']} / {r['raw_pixels_only']} (p = {r['p_value']:.2g})"] for how, r in by_norm.items()]
     out = ["## l-DAE kNN against raw pixels, by normalisation", "",
-           "Weighted cosine kNN on the test split after no normalisation (the stage's kNN), centring, or "
+           f"Weighted cosine kNN (k = {k}, chosen on val) on the test split after no normalisation, centring, or "
            "standardising each dimension with training statistics (the probe's BatchNorm). Last column: test "
            "images only the features / only raw pixels get right, with the exact McNemar p-value.", ""]
     return out + table(["normalisation", "l-DAE features", "untrained l-DAE", "raw pixels",
                         "features only / pixels only"], rows) + [""]
 
 
+SET_NAMES = {"samples": "UL samples", "floor_val": "real val images (honest floor)",
+             "floor_train": "real train images (older floor: the feature net trained on them)",
+             "recon": "UL reconstructions"}
+
+
+def distance_rows(d: dict) -> list[list[str]]:
+    return [[SET_NAMES.get(name, name), str(sum(v["n"])), ci({"value": v["fd"], "ci95": v["fd_ci95"]}, pct=False),
+             ci({"value": v["kid"], "ci95": v["kid_ci95"]}, pct=False)]
+            for name, v in d.items() if name != "paired"]
+
+
 def section_generation(m: dict) -> list[str]:
     g = m.get("generation_eval")
-    if not g:
+    if not g or "featnet" not in g:
         return []
+    ref = g.get("reference", {})
     out = ["## Generation (Unified Latents)", "",
            f"Feature space: {g.get('feature_space')}; its classifier scores "
-           f"{fmt(g.get('featnet_test_accuracy'), pct=True)} "
-           f"on the test split. n = {g.get('n')} images in every set. The floor compares real training images with "
-           "the same real test images: no generator can be expected to do better.", ""]
-    rows = []
-    if "fd_featnet" in g:
-        rows.append(["UL samples vs test", fmt(g["fd_featnet"]), fmt(g["fd_featnet_floor"]),
-                     f"{g['fd_featnet_ratio']:.2f}x",
-                     f"{fmt(g['kid_featnet'])} ± {fmt(g['kid_featnet_std'], digits=2)}",
-                     fmt(g["kid_featnet_floor"])])
-    if "fd_featnet_ul_recon" in g:
-        floor = g.get("fd_featnet_ul_recon_floor", g["fd_featnet_floor"])
-        rows.append([f"UL reconstructions vs their {g.get('recon_images', '')} test images",
-                     fmt(g["fd_featnet_ul_recon"]), fmt(floor), f"{g['fd_featnet_ul_recon'] / max(floor, 1e-12):.2f}x",
-                     fmt(g["kid_featnet_ul_recon"]), "—"])
-    if not rows:
-        rows.append(["real train vs test (floor only)", "—", fmt(g.get("fd_featnet_floor")), "—", "—",
-                     fmt(g.get("kid_featnet_floor"))])
-    out += table(["compared", "FD (featnet)", "floor", "FD / floor", "KID (featnet)", "KID floor"], rows)
-    if "inception_fid_floor" in g:
-        out += ["", "Inception FID (standard InceptionV3 weights supplied by the user):", ""]
-        out += table(["compared", "Inception FID", "floor", "Inception KID"],
-                     [["UL samples vs test", fmt(g.get("inception_fid")), fmt(g["inception_fid_floor"]),
-                       fmt(g.get("inception_kid"))]])
+           f"{fmt(g.get('featnet_test_accuracy'), pct=True)} on the test split. Reference: the {ref.get('n')} real "
+           f"{ref.get('set')} images, `{ref.get('path')}/{ref.get('file')}` (sha256 "
+           f"{str(ref.get('files', {}).get(ref.get('file'), ''))[:12]}). FD and KID with 95% bootstrap intervals; "
+           "samples: the mean over independent sample seeds.", ""]
+    out += table(["set vs the reference", "images", "FD (featnet)", "KID (featnet)"], distance_rows(g["featnet"]))
+    out += [""]
+    for r in g["featnet"]["paired"]:
+        if r["metric"] == "fd":
+            ratio = f"; {r['ratio']:.2f}x [{r['ratio_ci95'][0]:.2f}, {r['ratio_ci95'][1]:.2f}]" if "ratio" in r else ""
+            verdict = "differs from" if r["p_value"] < 0.05 else "cannot be told from"
+            out.append(f"- FD of {SET_NAMES.get(r['a'], r['a'])} {verdict} that of {SET_NAMES.get(r['b'], r['b'])}: "
+                       f"difference {r['diff']:+.3g} [{r['diff_ci95'][0]:+.3g}, {r['diff_ci95'][1]:+.3g}]{ratio} "
+                       f"({r['test']}, p = {r['p_value']:.2g}).")
+    rec = g.get("ul_recon_featnet")
+    if rec:
+        out += ["", f"UL reconstructions of {rec['n']} test images against those images (as many val images beside "
+                "them as the floor):", ""]
+        out += table(["set vs the originals", "images", "FD (featnet)", "KID (featnet)"], distance_rows(rec))
+    if "inception" in g:
+        out += ["", "Inception FID (standard InceptionV3 weights supplied by the user), reference = the test images:", ""]
+        out += table(["set vs the reference", "images", "FD (Inception)", "KID (Inception)"],
+                     distance_rows(g["inception"]))
     else:
         out += ["", "Inception FID: not measured (set `eval.inception_weights` to the standard weights file)."]
     return out + [""]
 
 
 def section_recon(m: dict) -> list[str]:
-    g, u1 = m.get("generation_eval") or {}, m.get("ul_stage1") or {}
+    u1, sd = m.get("ul_stage1") or {}, m.get("soda") or {}
     rows = []
-    if "ul_recon_psnr" in g or "recon_psnr" in u1:
-        rows.append(["UL (stage 1)", fmt(g.get("ul_recon_psnr", u1.get("recon_psnr"))),
-                     fmt(g.get("ul_recon_ssim", u1.get("recon_ssim"))),
-                     fmt(g.get("ul_bits_per_pixel", u1.get("bits_per_pixel")))])
-    if "soda_recon_psnr" in g or "recon_psnr" in (m.get("soda") or {}):
-        s = m.get("soda") or {}
-        rows.append(["SODA", fmt(g.get("soda_recon_psnr", s.get("recon_psnr"))),
-                     fmt(g.get("soda_recon_ssim", s.get("recon_ssim"))), "—"])
+    if "recon_psnr" in u1:
+        rows.append(["UL (stage 1)", fmt(u1["recon_psnr"]), fmt(u1.get("recon_ssim")), fmt(u1.get("bits_per_pixel"))])
+    if "recon_psnr" in sd:
+        rows.append(["SODA", fmt(sd["recon_psnr"]), fmt(sd.get("recon_ssim")), "—"])
     if not rows:
         return []
     out = ["## Reconstruction", "", "PSNR (dB, [0, 1] scale) and SSIM of encode -> decode from pure noise on test "
-           "images; UL bits per pixel from the prior's ELBO.", ""]
+           "images (quantised to 8 bits like the data); UL bits per pixel from the prior's ELBO.", ""]
     out += table(["model", "PSNR", "SSIM", "bits/px"], rows)
-    if "soda_novel_view_psnr" in g:
+    if "novel_view_psnr" in sd:
         out += ["", "Novel views (SODA, target pose given), beside copying the source view:", ""]
         out += table(["method", "PSNR", "SSIM"],
-                     [["SODA novel view", fmt(g["soda_novel_view_psnr"]), fmt(g["soda_novel_view_ssim"])],
-                      ["copy the source view", fmt(g["novel_view_psnr_copy_source"]),
-                       fmt(g["novel_view_ssim_copy_source"])]])
+                     [["SODA novel view", fmt(sd["novel_view_psnr"]), fmt(sd["novel_view_ssim"])],
+                      ["copy the source view", fmt(sd["novel_view_psnr_copy_source"]),
+                       fmt(sd["novel_view_ssim_copy_source"])]])
     return out + [""]
 
 

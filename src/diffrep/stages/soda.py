@@ -3,8 +3,9 @@
 Writes models/soda/ (weights, resolved config, grid.png: source | reconstruction
 [| true target view | synthesised novel view]) and metrics/soda.json
 (final loss, img/s, wall time, reconstruction PSNR/SSIM on the test split,
-kNN and linear-probe accuracy on z beside the raw-pixel kNN at the same
-resolution, novel-view PSNR/SSIM when the data has poses, lineage).
+novel-view PSNR/SSIM beside copying the source view when the data has poses,
+lineage). z itself is probed, with every other representation, by the
+`linear_probe` stage (one protocol, one number per representation).
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import torch
 
 from diffrep.config import Config, to_dict
 from diffrep.data.prepared import Prepared, group_views, load_prepared
-from diffrep.eval.features import batched, spread
+from diffrep.eval.features import spread
 from diffrep.eval.grid import save_grid
-from diffrep.eval.probe import knn_accuracy, linear_probe
 from diffrep.eval.soda import soda_views
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
@@ -38,24 +38,15 @@ def training_data(prep: Prepared) -> tuple[dict[str, torch.Tensor], int]:
 
 
 def evaluate(model: Soda, prep: Prepared, cfg: Config, device) -> tuple[dict, torch.Tensor, int]:
-    """Probe accuracies on z, reconstruction (and novel-view) quality; returns metrics, grid, grid columns."""
-    train_x, test_x = prep.images_float("train"), prep.images_float("test")
-    train_y, test_y = torch.from_numpy(prep.labels("train")), torch.from_numpy(prep.labels("test"))
-    k = prep.num_classes
-    z_train = batched(model.encode, train_x, device=device)
-    z_test = batched(model.encode, test_x, device=device)
-    m = {
-        "knn_z": knn_accuracy(z_train, train_y, z_test, test_y, k),
-        "linear_probe_z": linear_probe(z_train, train_y, z_test, test_y, k, seed=cfg.seed),
-        "knn_raw_pixels": knn_accuracy(train_x.flatten(1), train_y, test_x.flatten(1), test_y, k),
-    }
+    """Reconstructions (and, with poses, novel views) of test images; z is probed by the linear_probe stage."""
+    prep.release_test()  # nothing is chosen here: test is read once, for the reported numbers
+    test_x = prep.images_float("test")
     poses, ids = (prep.array("test", f) for f in ("poses", "object_ids"))
     poses, ids = (None, None) if poses is None else (torch.from_numpy(poses), torch.from_numpy(ids))
     n = cfg.soda.eval_images
     pick = spread(len(test_x), n) if poses is None else torch.arange(n)  # 2D: every class; 3D: the first n objects
-    views, grid, ncol = soda_views(model, test_x, poses, ids, pick, generator=torch.Generator().manual_seed(cfg.seed),
-                                   steps=None, device=device)
-    return m | views, grid, ncol
+    return soda_views(model, test_x, poses, ids, pick, generator=torch.Generator().manual_seed(cfg.seed),
+                      steps=None, device=device)
 
 
 def run(cfg: Config, root: Path) -> dict | None:
@@ -66,9 +57,9 @@ def run(cfg: Config, root: Path) -> dict | None:
         params = runner.section_params(cfg, "soda")
         inputs = [ctx.path(PREPARED)]
 
-        def sample_fn(ema: Soda) -> torch.Tensor:  # TensorBoard: reconstructions of 8 fixed test images
-            x = prep.images_float("test")[:8].to(ctx.runtime.device)
-            p = prep.array("test", "poses")
+        def sample_fn(ema: Soda) -> torch.Tensor:  # TensorBoard: reconstructions of 8 fixed val images
+            x = prep.images_float("val")[:8].to(ctx.runtime.device)
+            p = prep.array("val", "poses")
             pose = torch.from_numpy(p[:8]).to(x.device) if p is not None else None
             return torch.cat([x, ema.decode(ema.encode(x), pose, steps=20)])
 

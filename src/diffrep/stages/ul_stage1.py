@@ -51,10 +51,10 @@ def run(cfg: Config, root: Path) -> dict | None:
         model = UnifiedLatents(s, prep.image_shape)
         params = runner.section_params(cfg, "ul.stage1")
         inputs = [ctx.path(PREPARED)]
-        test_all = prep.images_float("test")
-        fixed = test_all[spread(len(test_all), 8)]
+        val_x = prep.images_float("val")
+        fixed = val_x[spread(len(val_x), 8)]
 
-        def sample_fn(ema: UnifiedLatents) -> torch.Tensor:  # TensorBoard: 8 test images and their reconstructions
+        def sample_fn(ema: UnifiedLatents) -> torch.Tensor:  # TensorBoard: 8 val images and their reconstructions
             x = fixed.to(ctx.runtime.device)
             return torch.cat([x, ema.reconstruct(x, steps=16, generator=torch.Generator().manual_seed(0))])
 
@@ -62,6 +62,8 @@ def run(cfg: Config, root: Path) -> dict | None:
         if not ctx.is_main:
             return None
         ema = result.ema
+        prep.release_test()  # nothing is chosen here: test is read once, for the reported numbers
+        test_all = prep.images_float("test")
         test_x = test_all[spread(len(test_all), s.eval_images)]
         metrics, grid = evaluate(ema, test_x, cfg.seed, ctx.runtime.device)
         with atomic_dir(ctx.path(OUT)) as tmp:

@@ -43,7 +43,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         prep = load_prepared(ctx.path(PREPARED))
         stage1: UnifiedLatents = load_model(ctx.path(STAGE1), "ul_stage1").to(dev).requires_grad_(False)
         latents = batched(stage1.encode, prep.images_float("train"), device=dev)  # (N, C_z, s, s), frozen
-        test_latents = batched(stage1.encode, prep.images_float("test"), device=dev)
+        val_latents = batched(stage1.encode, prep.images_float("val"), device=dev)
         base = UlBase(s, stage1.latent_shape, stage1.cfg.logsnr_z0)
         params = runner.section_params(cfg, "ul.stage2")
         inputs = [ctx.path(STAGE1), ctx.path(PREPARED)]
@@ -62,7 +62,7 @@ def run(cfg: Config, root: Path) -> dict | None:
                        extra={"logsnr_z0": stage1.cfg.logsnr_z0}, full_config=to_dict(cfg))
             save_grid(tmp / "samples.png", samples, ncol=8)
         metrics = runner.training_metrics(result, rate_key="latents_per_s") | {
-            "test_loss": held_out_loss(ema, test_latents, cfg.seed, dev),
+            "val_loss": held_out_loss(ema, val_latents, cfg.seed, dev),
             "latent_shape": list(stage1.latent_shape), "logsnr_z0": stage1.cfg.logsnr_z0,
         }
         return runner.finish_training(ctx, metrics, params=params, inputs=inputs, out_dir=OUT, ckpt_dir=ckpt_dir)
