@@ -37,7 +37,7 @@ ROWS = [
      ("raw pixels", "linear_probe.json", "knn_raw_pixels")),
     ("UL latent, linear probe (mean of 3 seeds)", "linear_probe.json", "probe_ul", "pct",
      ("raw pixels", "linear_probe.json", "probe_raw_pixels")),
-    ("UL bits per pixel (test split)", "ul_stage1.json", "test_bits_per_pixel", "3f", None),
+    ("UL bits per pixel (test split, one draw per image)", "ul_stage1.json", "test_bits_per_pixel", "3f", None),
     ("UL reconstruction PSNR", "ul_stage1.json", "recon_psnr", "db", None),
     ("UL samples, FD in the feature-net space", "generation_eval.json", "fd_featnet", "3f",
      ("real-vs-real floor", "generation_eval.json", "fd_featnet_floor")),
