@@ -78,7 +78,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         pooled = {how: knn(Ldae.pool(t_train, how), Ldae.pool(t_test, how)) for how in ("mean", "flatten")}
         raw = knn(train_x.flatten(1), test_x.flatten(1))
         untrained = knn(r_train, r_test)
-        # the verdict depends on how each representation is normalised before the cosine (README); a paired
+        # the verdict depends on how each representation is normalised before the cosine (docs/studies/ldae-knn.md); a paired
         # test on the same test images says whether the features' kNN really differs from raw pixels'
         by_norm = {}
         for how in KNN_NORMALIZATIONS:
