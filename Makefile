@@ -43,5 +43,10 @@ EXPS_KEEP := Experiment|Created|probe_soda$$|probe_ul$$|probe_ldae$$|fd_featnet$
 exps: setup  ## compare DVC experiments (headline columns); EXPS_ARGS="-A" for experiments of every commit
 	$(BIN)/dvc exp show --drop '.*' --keep '$(EXPS_KEEP)' $(EXPS_ARGS)
 
+# stdlib only: no venv needed. README_ARGS=--check compares instead of writing (make test runs that check).
+.PHONY: readme
+readme:  ## re-render README.md's results table from metrics/*.json
+	python3 scripts/readme_results.py $(README_ARGS)
+
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs

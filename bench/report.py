@@ -1,4 +1,4 @@
-"""Write a run: <UTC timestamp>.json (atomic), latest.json (a copy) and latest.md (the README table)."""
+"""Write a run: <UTC timestamp>.json (atomic), latest.json (a copy) and latest.md (the docs/benchmarks.md tables)."""
 from __future__ import annotations
 
 import datetime as dt

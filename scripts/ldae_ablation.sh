@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The l-DAE ablation (PAPERS.md §3): where the noise goes (ldae.noise_space: latent | pixel) and how many
+# The l-DAE ablation (docs/studies/ldae-noise-space.md): where the noise goes (ldae.noise_space: latent | pixel) and how many
 # PCA components get it (ldae.pca_dim), on mnist5k and on the procedural shapes, as DVC experiments of
 # the ldae stage only (prepare runs again for shapes). One at a time in DVC's queue (2 cores), then the
 # table of the relevant columns is printed. Run from anywhere inside the repository:

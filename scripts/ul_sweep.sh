@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The Unified Latents trade-off (PAPERS.md §2), as DVC experiments of the ul_stage1 stage only:
+# The Unified Latents trade-off (docs/studies/ul-tradeoff.md), as DVC experiments of the ul_stage1 stage only:
 #   - ul.stage1.loss_factor over FACTORS: bits/px and reconstruction PSNR both rise with it;
 #   - ul.stage1.logsnr_z0=10 (at the default loss factor): reconstructions degrade; the paper's bitrate
-#     collapse did not reproduce at 16x16 (README: the encoder shrinks its latent instead).
+#     collapse did not reproduce at 16x16 (docs/studies/ul-tradeoff.md: the encoder shrinks its latent instead).
 # Each experiment runs `prepare` (cached) and `ul_stage1` in DVC's queue, one at a time (2 cores), then the
 # table of the relevant columns is printed. Run from anywhere inside the repository:
 #   scripts/ul_sweep.sh                   # default factors
@@ -21,7 +21,7 @@ dvc exp run --run-all --jobs 1
 
 # Experiments that failed stay in the queue's failed list: show them rather than a silently short table.
 dvc queue status || true
-# Markdown: never truncated to the terminal's width, and ready for the README. --only-changed hides the
+# Markdown: never truncated to the terminal's width, and ready for docs/studies/. --only-changed hides the
 # other stages' metrics (the sweep leaves them untouched).
 dvc exp show --md --no-pager --only-changed --hide-workspace --precision 4 \
   --drop '.*' \

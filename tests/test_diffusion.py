@@ -103,7 +103,7 @@ def test_inverted_cosine_matches_formula_and_reference_values():
     ref = _inv_cos_reference(t)
     got = s(torch.tensor(t)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
-    # PAPERS.md: about +2.7 at t=0.01, 0 at 0.5, -2.8 at 0.99
+    # docs/methods.md#schedules: about +2.7 at t=0.01, 0 at 0.5, -2.8 at 0.99
     vals = s(torch.tensor([0.01, 0.5, 0.99])).tolist()
     assert vals[0] == pytest.approx(2.7, abs=0.1)
     assert vals[1] == pytest.approx(0.0, abs=0.1)

@@ -1,4 +1,4 @@
-"""`diffrep lineage METRICS_FILE`: trace a number back to what made it (DESIGN.md "Lineage").
+"""`diffrep lineage METRICS_FILE`: trace a number back to what made it (docs/lineage.md).
 
 Three independent witnesses must agree for a link to be intact:
   1. the lineage block in each metrics file (sha256 of inputs and outputs),

@@ -138,7 +138,7 @@ class UlStage1Config(Section):
 
     Defaults are the 2-core CPU demo (16x16 mnist5k, ~600 steps). There, the paper's b=0 / c_lf=1.5 lets the
     bitrate collapse (~0.02 bits/px) before the decoder learns to use the latent, so the demo uses b=2, c_lf=3
-    (a lower b needs a higher c_lf; PAPERS.md §2).
+    (a lower b needs a higher c_lf; docs/methods.md#unified-latents).
     """
 
     latent_channels: int = Field(4, ge=1)  # latent grid: (latent_channels, H / 2**(stages-1), W / 2**(stages-1))

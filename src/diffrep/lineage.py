@@ -1,4 +1,4 @@
-"""The lineage block every metrics file carries (DESIGN.md "Lineage").
+"""The lineage block every metrics file carries (docs/lineage.md).
 
 A block records what a number was computed from: the stage, the resolved
 params, every input and output path with its content hash, the git commit

@@ -1,10 +1,10 @@
-"""l-DAE: a denoising autoencoder in a patch-PCA latent (Chen, Liu, Xie, He 2024; PAPERS.md §3).
+"""l-DAE: a denoising autoencoder in a patch-PCA latent (Chen, Liu, Xie, He 2024; docs/methods.md#l-dae).
 
 Choices, and why (the paper states the mechanism; [choice] marks what it leaves open):
 - Tokenizer: patch PCA (models/pca.py), fitted once on `pca_fit_patches` random grid
   patches of the training images, never trained. Its latent is *standardised*: each
   coefficient is divided by its std on the fitting patches, so it has unit variance
-  and sigma has the same meaning for every component [choice, as PAPERS.md].
+  and sigma has the same meaning for every component [choice; docs/methods.md#l-dae].
 - Noise: z = encode(x) (B, N, D); the top d coefficients get sigma_t * eps, the rest
   are dropped; the network input is decode(z[:d] + sigma_t eps) (the paper's
   V_d^T (V_d x + sigma eps), gamma = 1, no input scaling). So the input carries no

@@ -1,4 +1,4 @@
-"""Patch-PCA tokenizer for l-DAE (PAPERS.md §3): a fixed linear map, fitted once, never trained.
+"""Patch-PCA tokenizer for l-DAE (docs/methods.md#l-dae): a fixed linear map, fitted once, never trained.
 
 An image (B, C, H, W) is cut into non-overlapping p x p patches, each flattened
 to D = C*p*p values (channel-major, then rows, then columns). PCA of those

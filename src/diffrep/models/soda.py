@@ -1,4 +1,4 @@
-"""SODA: a bottleneck diffusion model (Hudson et al., CVPR 2024; PAPERS.md §1).
+"""SODA: a bottleneck diffusion model (Hudson et al., CVPR 2024; docs/methods.md#soda).
 
 An encoder maps a *source* view to a compact vector z; a UNet denoises a
 *target* view conditioned on z (layer modulation: z's sub-vectors each

@@ -1,4 +1,4 @@
-"""Unified Latents (Heek et al. 2026; PAPERS.md §2): a latent regularised by a diffusion prior.
+"""Unified Latents (Heek et al. 2026; docs/methods.md#unified-latents): a latent regularised by a diffusion prior.
 
 Stage 1 (`UnifiedLatents`): a deterministic encoder gives a latent grid
 z_clean (latent_channels, s, s), s = H / 2**(encoder.stages-1) (16 px, 3 stages
