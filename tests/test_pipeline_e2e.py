@@ -26,8 +26,9 @@ TINY = {
         "train": {"steps": 12, "batch_size": 32, "warmup_steps": 2, "ckpt_every": 5, "log_every": 4},
         "eval_images": 16,
     },
+    "feature_net": {"width": 8, "train": {"steps": 10, "batch_size": 64, "ckpt_every": 100, "log_every": 5}},
 }
-STAGES = ["prepare", "soda"]
+STAGES = ["prepare", "soda", "feature_net", "fid_reference"]
 
 
 def sh(*cmd, cwd, check=True):
@@ -89,5 +90,27 @@ def test_lineage_intact_then_broken_by_a_modified_prepared_file(repo):
         target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         bad = sh("diffrep", "lineage", "metrics/soda.json", cwd=repo, check=False)
         assert bad.returncode == 1 and "data/prepared CHANGED" in bad.stdout
+    finally:
+        target.write_bytes(original)
+
+
+def test_reference_statistics_round_trip_and_lineage_checks_their_hash(repo):
+    from diffrep.eval.reference import load_reference
+    from diffrep.io import ArtifactError
+
+    features, manifest = load_reference(repo / "data/fid_reference")
+    meta = json.loads((repo / "metrics/fid_reference.json").read_text())
+    assert features.shape == (manifest["n"], manifest["dim"]) and meta["sha256"] == manifest["files"][manifest["file"]]
+    ok = sh("diffrep", "lineage", "metrics/fid_reference.json", cwd=repo, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    target = repo / "data/fid_reference" / manifest["file"]
+    original = target.read_bytes()
+    try:
+        target.chmod(0o644)
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        bad = sh("diffrep", "lineage", "metrics/fid_reference.json", cwd=repo, check=False)
+        assert bad.returncode == 1 and "data/fid_reference CHANGED" in bad.stdout
+        with pytest.raises(ArtifactError, match="sha256"):
+            load_reference(repo / "data/fid_reference")
     finally:
         target.write_bytes(original)

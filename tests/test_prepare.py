@@ -248,7 +248,7 @@ def test_cli_prepare_exit_codes(tmp_path):
     (out_good, err_good), (out_bad, err_bad) = (p.communicate(timeout=300) for p in procs)
 
     assert procs[0].returncode == 0, err_good
-    assert "[prepare] digits: 1438 train / 359 test" in out_good
+    assert "[prepare] digits: 1259 train / 179 val / 359 test" in out_good
     assert load_prepared(good / "data/prepared").manifest["counts"]["test"] == 359
 
     assert procs[1].returncode == 1, err_bad

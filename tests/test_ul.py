@@ -223,7 +223,7 @@ def test_stages_write_models_metrics_and_sample(prepared_digits, tmp_path):
     assert (tmp_path / "models/ul_stage1/recon.png").is_file()
     assert (tmp_path / "metrics/ul_stage1_loss.tsv").read_text().startswith("step\tloss\tlr\tbits_per_pixel")
     m2 = ul_stage2.run(cfg, tmp_path)
-    assert np.isfinite(m2["test_loss"]) and (tmp_path / "models/ul_stage2/samples.png").is_file()
+    assert np.isfinite(m2["val_loss"]) and (tmp_path / "models/ul_stage2/samples.png").is_file()
     assert set(m2["lineage"]["inputs"]) == {"models/ul_stage1", "data/prepared"}
     a = sample_ul(tmp_path / "models/ul_stage1", tmp_path / "models/ul_stage2", 3, seed=1, device="cpu")
     assert a.shape == (3, *IMAGE) and torch.equal(a, sample_ul(tmp_path / "models/ul_stage1",
