@@ -52,7 +52,7 @@ class RuntimeConfig(Section):
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC memory format for 4-D activations
     num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)
 
 
@@ -121,21 +121,16 @@ class SodaConfig(Section):
     z_drop: float = Field(0.1, ge=0, lt=1)  # classifier-free guidance: drop the whole z
     pose_drop: float = Field(0.1, ge=0, lt=1)  # ... and, independently, the pose
     guidance: float = Field(0.3, ge=0)  # w in eps = (1+w) eps(c) - w eps(null)
-    encoder: EncoderConfig = EncoderConfig()
-    unet: UNetConfig = UNetConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    train: TrainConfig = TrainConfig()
-    eval_images: int = Field(500, ge=1)  # test images used for reconstruction PSNR/SSIM
+    encoder: EncoderConfig = EncoderConfig(width=16)
+    unet: UNetConfig = UNetConfig(channels=16, channel_mult=(1, 2, 4))
+    diffusion: DiffusionConfig = DiffusionConfig(sample_steps=25)
+    train: TrainConfig = TrainConfig(steps=1200, ema_decay=0.995, ckpt_every=250, log_every=25)
+    eval_images: int = Field(200, ge=1)  # test images used for reconstruction PSNR/SSIM
 
 
 # ---------------------------------------------------------------- Unified Latents
 class UlStage1Config(Section):
-    """Encoder + diffusion prior (plain ELBO) + diffusion decoder, trained jointly (models/ul.py).
-
-    Defaults are the 2-core CPU demo (16x16 mnist5k, ~600 steps). There, the paper's b=0 / c_lf=1.5 lets the
-    bitrate collapse (~0.02 bits/px) before the decoder learns to use the latent, so the demo uses b=2, c_lf=3
-    (a lower b needs a higher c_lf; PAPERS.md §2).
-    """
+    """Encoder + diffusion prior (plain ELBO) + diffusion decoder, trained jointly (models/ul.py)."""
 
     latent_channels: int = Field(4, ge=1)  # latent grid: (latent_channels, H / 2**(stages-1), W / 2**(stages-1))
     logsnr_z0: float = 5.0  # the fixed noise level of the latent, lambda_z(0)
@@ -155,10 +150,7 @@ class UlStage2Config(Section):
     """A larger base model on the frozen stage-1 latents, sigmoid weighting, sampled down to logsnr_z0."""
 
     base: UNetConfig = UNetConfig(channels=64, channel_mult=(1, 2), attn_resolutions=(2,))
-    # The clean latents have std ~0.18, so the cosine schedule spends most of its time where they are already
-    # drowned: shift 0.2 adds 2 log 5 = 3.2 to the logSNR. Measured on mnist5k (1,500 steps, FD in the
-    # feature-net space / real-vs-real floor): cosine 4.83x, cosine + sigmoid bias 3 4.83x, shifted 4.39x;
-    # 500 steps of cosine 6.23x. 100 instead of 32 sampling steps did not help (4.52x).
+    # shift 0.2 adds 2 log 5 = 3.2 to the logSNR of the cosine schedule
     diffusion: DiffusionConfig = DiffusionConfig(schedule="shifted_cosine", shift=0.2, parameterization="v",
                                                  weighting="sigmoid", sample_steps=32)
     train: TrainConfig = TrainConfig(steps=1500, ema_decay=0.995, ckpt_every=250, log_every=25)
@@ -180,8 +172,6 @@ class ViTConfig(Section):
 
 
 class LdaeConfig(Section):
-    # CPU demo, measured on mnist5k 16x16 (models/ldae.py): 8x8 patches (4 tokens) train 3x faster than 4x4
-    # and their features probe far better; d = 16 of 64 beat d = 4; flattened tokens beat the mean pool.
     noise_space: Literal["latent", "pixel"] = "latent"  # the paper's ablation
     pca_dim: int = Field(16, ge=1)  # d: noise goes into the top-d PCA components
     pca_fit_patches: int = Field(20000, ge=100)
@@ -196,7 +186,6 @@ class LdaeConfig(Section):
     # random-resized crop + intensity jitter of each training image, as SODA draws its views (None: off)
     augment: ViewsConfig | None = None
     vit: ViTConfig = ViTConfig(patch_size=8, dim=128, depth=6)
-    # lr 4e-3 beat 2e-3; a short run wants a short EMA
     train: TrainConfig = TrainConfig(steps=1500, batch_size=128, lr=4e-3, warmup_steps=50, ema_decay=0.99,
                                      ckpt_every=250, log_every=25)
 
@@ -218,7 +207,7 @@ class LinearProbeConfig(Section):
     """`probe`: frozen features -> BatchNorm(affine=False) -> linear (the MAE recipe), and weighted kNN."""
 
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)  # probe head init + data order (+ random-init encoders)
-    epochs: int = Field(50, ge=1)  # at lr 3e-2: within ~1 point of 100 epochs at 1e-2 for a third of the time
+    epochs: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(3e-2, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -234,7 +223,7 @@ class DciConfig(Section):
     method: Literal["random_forest", "lasso"] = "random_forest"  # the paper's two importance estimators
     bins: int = Field(10, ge=2)  # continuous factors -> this many equal-frequency classes
     n_estimators: int = Field(20, ge=1)  # random_forest
-    max_depth: int | None = Field(8, ge=1)  # random_forest; None: grow fully (~6x slower at 4000 codes)
+    max_depth: int | None = Field(8, ge=1)  # random_forest; None: grow fully
     lasso_c: float = Field(0.1, gt=0)  # lasso: inverse strength of the L1 penalty (logistic regression)
     max_train: int = Field(2000, ge=10)  # codes used to fit the importance estimators
     pca_dim: int = Field(32, ge=1)  # the PCA-of-pixels baseline code
