@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from diffrep.diffusion import (
     NATS_PER_BIT,
+    schedule_of,
     PARAMETERIZATIONS,
     SCHEDULES,
     add_noise,
@@ -18,12 +19,10 @@ from diffrep.diffusion import (
     ddim_sample,
     eps_error_scale,
     from_x0_eps,
-    guided,
     guided_batched,
     loss_weight,
     make_schedule,
     prior_kl_terminal,
-    sample_t,
     t_for_logsnr,
     tile_batch,
     to_x0_eps,
@@ -262,7 +261,7 @@ def test_elbo_matches_closed_form_and_is_schedule_invariant(name, lo, hi):
         return alpha_sigma(lam.double())[1][:, None] * z
 
     g = torch.Generator().manual_seed(4)
-    t = sample_t(n, generator=g, low_discrepancy=True)
+    t = torch.remainder(torch.rand(1, generator=g) + torch.arange(n) / n, 1.0)  # stratified: one t per 1/n
     eps = torch.randn(n, 4, generator=g, dtype=torch.float64)
     loss = training_losses(gauss_denoiser, x, t, sched, weighting="elbo", eps=eps)["loss"].double()
     hi_, lo_ = torch.tensor(hi, dtype=torch.float64), torch.tensor(lo, dtype=torch.float64)
@@ -290,18 +289,11 @@ def test_prior_kl_terminal_by_hand():
     assert NATS_PER_BIT == pytest.approx(math.log(2))
 
 
-def test_sample_t():
-    g = torch.Generator().manual_seed(5)
-    t = sample_t(1000, generator=g)
-    assert t.shape == (1000,) and t.min() >= 0 and t.max() < 1 and 0.45 < t.mean() < 0.55
-    torch.testing.assert_close(sample_t(7, generator=torch.Generator().manual_seed(9)),
-                               sample_t(7, generator=torch.Generator().manual_seed(9)))
-    ta = sample_t(8, generator=g, antithetic=True)
-    torch.testing.assert_close(ta[:4] + ta[4:], torch.ones(4))
-    tl = sample_t(10, generator=g, low_discrepancy=True)
-    assert sorted(torch.floor(tl * 10).long().tolist()) == list(range(10))  # one per stratum
-    with pytest.raises(ValueError, match="even"):
-        sample_t(3, antithetic=True)
+def test_schedule_of_reads_a_config_section():
+    from diffrep.config import DiffusionConfig
+
+    d = DiffusionConfig(schedule="shifted_cosine", logsnr_min=-10.0, logsnr_max=12.0, shift=0.5)
+    assert schedule_of(d) == make_schedule("shifted_cosine", -10.0, 12.0, 0.5)
 
 
 # ------------------------------------------------------------------ DDIM
@@ -414,29 +406,24 @@ def test_ddim_bad_inputs():
 
 
 # ------------------------------------------------------------------ guidance
-def test_cfg_combine_and_guided():
+def test_cfg_combine_and_guided_batched():
     c, u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
     torch.testing.assert_close(cfg_combine(c, u, 0.3), 1.3 * c - 0.3 * u)
     torch.testing.assert_close(cfg_combine(c, u, 0.0), c)
 
-    cond = lambda z, lam: 2 * z
-    uncond = lambda z, lam: z + 1
     z, lam = torch.randn(3, 2), torch.zeros(3)
-    torch.testing.assert_close(guided(cond, uncond, 0.5)(z, lam), 1.5 * 2 * z - 0.5 * (z + 1))
-    assert guided(cond, uncond, 0.0) is cond
-    with pytest.raises(ValueError, match=">= 0"):
-        guided(cond, uncond, -1.0)
-
     seen = []
 
-    def drop_fn(z2, lam2, drop):
+    def drop_fn(z2, lam2, drop):  # conditional: 2 z, unconditional: z + 1
         seen.append(drop.clone())
         return torch.where(drop[:, None], z2 + 1, 2 * z2)
 
-    torch.testing.assert_close(guided_batched(drop_fn, 0.5)(z, lam), guided(cond, uncond, 0.5)(z, lam))
+    torch.testing.assert_close(guided_batched(drop_fn, 0.5)(z, lam), 1.5 * 2 * z - 0.5 * (z + 1))
     assert seen[-1].tolist() == [False] * 3 + [True] * 3
-    torch.testing.assert_close(guided_batched(drop_fn, 0.0)(z, lam), cond(z, lam))
-    assert seen[-1].tolist() == [False] * 3
+    torch.testing.assert_close(guided_batched(drop_fn, 0.0)(z, lam), 2 * z)
+    assert seen[-1].tolist() == [False] * 3  # w = 0: one pass on the conditional rows only
+    with pytest.raises(ValueError, match=">= 0"):
+        guided_batched(drop_fn, -1.0)
     torch.testing.assert_close(tile_batch(torch.arange(2).view(2, 1), 4).flatten(), torch.tensor([0, 1, 0, 1]))
 
 

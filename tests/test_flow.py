@@ -137,13 +137,15 @@ def test_repro_status_reads_dvc_output():
 
 
 def test_pipeline_options_are_checked(tmp_path):
-    from flows.pipeline import PipelineOptions, pipeline_options
+    from diffrep.config import PipelineConfig
+    from flows.pipeline import pipeline_options
 
     p = tmp_path / "params.yaml"
     p.write_text("seed: 0\n")
-    assert pipeline_options(p, ["a"]) == PipelineOptions()
+    assert pipeline_options(p, ["a"]) == PipelineConfig()
+    assert pipeline_options(tmp_path / "none.yaml", ["a"]) == PipelineConfig()  # no params file: the defaults
     p.write_text("pipeline: {retries: 2, retry_delay_s: 5, timeout_s: {a: 60}}\n")
-    assert pipeline_options(p, ["a"]) == PipelineOptions(2, 5.0, {"a": 60.0})
+    assert pipeline_options(p, ["a"]) == PipelineConfig(retries=2, retry_delay_s=5.0, timeout_s={"a": 60.0})
     for bad, msg in [("{retries: -1}", "retries"), ("{timeout_s: {zz: 1}}", "unknown stage 'zz'"),
                      ("{timeout_s: {a: 0}}", "timeout_s.a"), ("{retry: 1}", "unknown key")]:
         p.write_text(f"pipeline: {bad}\n")

@@ -268,10 +268,11 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
 
     def section(self, dotted: str) -> Any:
-        obj: Any = self
-        for part in dotted.split("."):
-            obj = getattr(obj, part)
-        return obj
+        """The (sub)section a dotted name picks, e.g. "ul.stage1"."""
+        out = dotted_get(self, dotted, _MISSING)
+        if out is _MISSING:
+            raise ConfigError(f"params: no section {dotted!r} in the schema (see diffrep/config.py)")
+        return out
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -315,6 +316,21 @@ def deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+_MISSING = object()
+
+
+def dotted_get(node: Any, dotted: str, default: Any) -> Any:
+    """node["a"]["b"] for "a.b", through nested dicts and config sections alike; `default` if a part is missing."""
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, BaseModel) and part in type(node).model_fields:
+            node = getattr(node, part)
+        else:
+            return default
+    return node
 
 
 def to_dict(section: BaseModel) -> dict:

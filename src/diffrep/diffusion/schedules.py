@@ -158,6 +158,11 @@ def make_schedule(
     return Schedule(name=name, logsnr_min=float(logsnr_min), logsnr_max=float(logsnr_max), shift=float(shift))
 
 
+def schedule_of(section) -> Schedule:
+    """The schedule a diffusion config section names (its schedule, logsnr_min, logsnr_max and shift)."""
+    return make_schedule(section.schedule, section.logsnr_min, section.logsnr_max, section.shift)
+
+
 def t_for_logsnr(schedule: Schedule, logsnr: torch.Tensor | float, iters: int = 60) -> torch.Tensor:
     """Invert a schedule by bisection: the t in [0, 1] with schedule(t) = logsnr.
 
