@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from diffrep.diffusion import (
     NATS_PER_BIT,
+    LinearSigma,
+    logsnr_of_sigma,
     schedule_of,
+    ve_weighted,
     PARAMETERIZATIONS,
     SCHEDULES,
     add_noise,
@@ -287,6 +290,38 @@ def test_prior_kl_terminal_by_hand():
     prior_kl_terminal(xr, lam).sum().backward()
     torch.testing.assert_close(xr.grad, a2 * xr.detach())
     assert NATS_PER_BIT == pytest.approx(math.log(2))
+
+
+# ------------------------------------------------------------------ l-DAE's variance-exploding process
+def test_linear_sigma_closed_form():
+    s = LinearSigma(math.sqrt(2))
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    torch.testing.assert_close(s.sigma(t), math.sqrt(2) * t)
+    lam = s(t)
+    assert lam[0].item() == math.inf  # the clean end: no noise
+    torch.testing.assert_close(lam[1:], torch.tensor([-2 * math.log(math.sqrt(2) / 4), math.log(2.0), -math.log(2.0)]))
+    with pytest.raises(ValueError, match="sigma_max"):
+        LinearSigma(0.0)
+
+
+def test_ve_input_is_the_vp_latent_over_alpha_at_the_same_logsnr():
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.4])
+    lam = logsnr_of_sigma(sigma)
+    alpha = torch.sigmoid(lam).sqrt()[:, None]
+    torch.testing.assert_close(add_noise(x, lam, eps), alpha * (x + sigma[:, None] * eps))
+    torch.testing.assert_close(alpha[:, 0] ** 2, 1 / (1 + sigma**2))  # lambda_t of l-DAE is alpha^2
+
+
+def test_ve_weighted_is_sigmoid_minus_logsnr_times_the_eps_error():
+    g = torch.Generator().manual_seed(3)
+    sigma = torch.tensor([0.2, 0.7, 1.3])
+    eps, eps_hat = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    x0_mse = (sigma[:, None] * (eps_hat - eps)).square().mean(1)  # x - x0_hat = sigma (eps_hat - eps)
+    expected = torch.sigmoid(-logsnr_of_sigma(sigma)) * (eps - eps_hat).square().mean(1)
+    torch.testing.assert_close(ve_weighted(x0_mse, sigma), expected)
+    torch.testing.assert_close(ve_weighted(torch.ones(3), torch.zeros(3)), torch.ones(3))  # sigma 0: weight 1
 
 
 def test_schedule_of_reads_a_config_section():

@@ -46,6 +46,16 @@ def loss_weight(
     raise ValueError(f"loss_weight: weighting {weighting!r} has no eps-space weight; use 'elbo' or 'sigmoid'")
 
 
+def ve_weighted(loss: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A per-example x0 loss (B,) of a variance-exploding input times l-DAE's lambda_t = 1 / (1 + sigma^2).
+
+    lambda_t = sigmoid(logsnr) = alpha^2 of the VP process at the same logSNR. Since x - x0_hat =
+    sigma (eps_hat - eps), this is sigmoid(-logsnr) * ||eps - eps_hat||^2: a sigmoid weighting with
+    bias 0 but without the ELBO's -dlogsnr/dt factor, so unlike "sigmoid" it is not a reweighted ELBO.
+    """
+    return loss / (1.0 + sigma.float().square())
+
+
 def training_losses(
     model_fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
