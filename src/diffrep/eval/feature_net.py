@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffrep.config import FeatureNetConfig
+from diffrep.config import ConfigError, FeatureNetConfig
 from diffrep.data.views import augment
 from diffrep.io import ArtifactError, load_torch
 from diffrep.models.artifact import FILE, register
@@ -37,9 +37,9 @@ class FeatureNet(nn.Module):
         C, H, W = image_shape
         widths = [cfg.width * 2**i for i in range(cfg.stages)]
         if cfg.width % cfg.groups:
-            raise ValueError(f"feature_net.groups={cfg.groups} must divide feature_net.width={cfg.width}")
+            raise ConfigError(f"feature_net.groups={cfg.groups} must divide feature_net.width={cfg.width}")
         if min(H, W) < 2 ** (cfg.stages - 1):
-            raise ValueError(f"feature_net.stages={cfg.stages} halves {H}x{W} images below 1 pixel; use fewer stages")
+            raise ConfigError(f"feature_net.stages={cfg.stages} halves {H}x{W} images below 1 pixel; use fewer stages")
         if num_classes < 2:
             raise ValueError(f"feature_net needs at least 2 classes, the data has {num_classes}")
         self.cfg, self.image_shape, self.num_classes = cfg, tuple(image_shape), num_classes

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from diffrep.config import LdaeConfig
+from diffrep.config import ConfigError, LdaeConfig
 from diffrep.data.views import augment
 from diffrep.diffusion import LinearSigma, logsnr_of_sigma, ve_weighted
 from diffrep.models.artifact import register
@@ -48,9 +48,9 @@ class Ldae(nn.Module):
             raise ValueError(f"l-DAE expects square images, got {H}x{W}")
         D = C * v.patch_size**2
         if not 1 <= cfg.pca_dim <= D:
-            raise ValueError(f"ldae.pca_dim={cfg.pca_dim} must be in [1, {D}] (= channels * patch_size^2 = {C}*{v.patch_size}^2)")
+            raise ConfigError(f"ldae.pca_dim={cfg.pca_dim} must be in [1, {D}] (= channels * patch_size^2 = {C}*{v.patch_size}^2)")
         if v.dim % v.heads:
-            raise ValueError(f"ldae.vit.heads={v.heads} must divide ldae.vit.dim={v.dim}")
+            raise ConfigError(f"ldae.vit.heads={v.heads} must divide ldae.vit.dim={v.dim}")
         self.cfg, self.image_shape, self.d = cfg, (C, H, W), cfg.pca_dim
         self.schedule = LinearSigma(cfg.sigma_max)
         self.tokenizer = PatchPCA(C, v.patch_size)

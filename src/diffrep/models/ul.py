@@ -51,7 +51,7 @@ import math
 import torch
 import torch.nn as nn
 
-from diffrep.config import UlStage1Config, UlStage2Config
+from diffrep.config import ConfigError, UlStage1Config, UlStage2Config
 from diffrep.diffusion import (NATS_PER_BIT, Schedule, add_noise, ddim_sample, make_schedule, prior_kl_terminal,
                                schedule_of, t_for_logsnr, training_losses)
 from diffrep.models.artifact import register
@@ -80,10 +80,10 @@ class UnifiedLatents(nn.Module):
         if H != W:
             raise ValueError(f"Unified Latents expects square images, got {H}x{W}")
         if not cfg.logsnr_z1 < cfg.logsnr_z0:
-            raise ValueError(f"ul.stage1: logsnr_z1 ({cfg.logsnr_z1}) must be below logsnr_z0 ({cfg.logsnr_z0})")
+            raise ConfigError(f"ul.stage1: logsnr_z1 ({cfg.logsnr_z1}) must be below logsnr_z0 ({cfg.logsnr_z0})")
         d = cfg.decoder_diffusion
         if d.weighting not in ("sigmoid", "elbo"):
-            raise ValueError(f"ul.stage1.decoder_diffusion.weighting must be 'sigmoid' (or 'elbo'), got {d.weighting!r}: "
+            raise ConfigError(f"ul.stage1.decoder_diffusion.weighting must be 'sigmoid' (or 'elbo'), got {d.weighting!r}: "
                              "the loss factor only means something when the decoder loss is a sum in nats")
         self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, output="grid", grid_channels=cfg.latent_channels)
@@ -181,7 +181,7 @@ class UlBase(nn.Module):
         super().__init__()
         d = cfg.diffusion
         if d.logsnr_max < logsnr_z0 or d.logsnr_min >= logsnr_z0:
-            raise ValueError(f"ul.stage2.diffusion: the schedule [{d.logsnr_min}, {d.logsnr_max}] must contain "
+            raise ConfigError(f"ul.stage2.diffusion: the schedule [{d.logsnr_min}, {d.logsnr_max}] must contain "
                              f"stage 1's latent noise level logsnr_z0={logsnr_z0} (sampling stops there)")
         self.cfg, self.latent_shape, self.logsnr_z0 = cfg, tuple(latent_shape), float(logsnr_z0)
         self.net = UNet.from_config(cfg.base, latent_shape[0], latent_shape[0], latent_shape[-1])
