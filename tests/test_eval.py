@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from diffrep.config import parse_config
+from diffrep.data.prepared import load_prepared
+from diffrep.eval.feature_net import load_feature_net
 
 
 # ---------------------------------------------------------------- Fréchet distance and KID
@@ -187,7 +189,12 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
         "eval": {"n_samples": 100, "kid_subsets": 5, "kid_subset_size": 50},
     }, "test")
     fm = feature_net.run(cfg, tiny_root)
-    assert 0 <= fm["test_accuracy"] <= 1 and fm["feature_dim"] == 32
+    assert fm["feature_dim"] == 32
+    # the metric is the saved classifier's accuracy on the test split, and 15 steps beat chance (1/10) clearly
+    prep = load_prepared(tiny_root / "data/prepared")
+    net = load_feature_net(tiny_root / "models/feature_net")
+    right = net.predict(prep.images_float("test")) == torch.from_numpy(prep.labels("test"))
+    assert fm["test_accuracy"] == pytest.approx(right.float().mean().item(), abs=1e-6) and fm["test_accuracy"] > 0.3
     assert (tiny_root / "models/feature_net/model.pt").is_file()
     assert not (tiny_root / ".cache/checkpoints").exists() or not any((tiny_root / ".cache/checkpoints").iterdir())
 
