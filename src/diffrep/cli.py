@@ -39,18 +39,25 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError
 
 
+def _load_params(path: str):
+    """The validated config, or None after printing why it is not (a usage error)."""
+    from diffrep.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from diffrep.config import ConfigError, load_config
 
     if args.name not in STAGES:
         print(f"diffrep stage: unknown stage {args.name!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = _load_params(args.params)
+    if cfg is None:
         return EXIT_USAGE
     module, func = STAGES[args.name].split(":")
     run = getattr(importlib.import_module(module), func)
@@ -67,12 +74,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import json
 
-    from diffrep.config import ConfigError, load_config, to_dict
+    from diffrep.config import to_dict
 
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = _load_params(args.params)
+    if cfg is None:
         return EXIT_USAGE
     print(json.dumps(to_dict(cfg), indent=2))
     return EXIT_OK
