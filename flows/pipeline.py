@@ -8,7 +8,7 @@ artifact of each stage's metrics, a summary artifact, at the end the report
 (reports/report.md) and a listing of the sample grids the stages wrote, and the
 flow-run id in every lineage block (via DIFFREP_FLOW_RUN_ID).
 
-Optional params.yaml section (read raw here; not part of the stage params):
+Optional params.yaml section (schema: PipelineConfig in diffrep.config; not part of the stage params):
     pipeline:
       retries: 0            # extra attempts per stage after a failure
       retry_delay_s: 0      # seconds between attempts
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -39,7 +38,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from diffrep.audit import dvc_executable, flatten
+from diffrep.audit import dvc_executable, dvc_paths, flatten
+from diffrep.config import PipelineConfig, load_config
 
 REPORT = "reports/report.md"  # the `report` stage's page, published whole as a markdown artifact
 GRID_GLOBS = ("results/*/*.png", "models/*/*.png")  # sample/reconstruction grids the stages write
@@ -54,11 +54,6 @@ class StageFailed(RuntimeError):
 
 
 # ---------------------------------------------------------------- the DAG
-def _paths(entries: list[Any] | None) -> list[str]:
-    """dvc.yaml deps/outs/metrics/plots entries are "path" or {"path": {options}}."""
-    return [Path(e if isinstance(e, str) else next(iter(e))).as_posix().rstrip("/") for e in entries or []]
-
-
 def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
@@ -72,9 +67,9 @@ def stage_order(dvc_stages: dict[str, Any], only: list[str] | None = None) -> li
         if "foreach" in d or "matrix" in d:
             raise ValueError(f"dvc.yaml stage {name!r} uses foreach/matrix, which the flow does not expand; "
                              "write its stages out explicitly")
-    outs = {s: _paths(d.get("outs")) + _paths(d.get("metrics")) + _paths(d.get("plots")) for s, d in dvc_stages.items()}
+    outs = {s: [p for kind in ("outs", "metrics", "plots") for p in dvc_paths(d.get(kind))] for s, d in dvc_stages.items()}
     needs = {
-        s: {u for u in dvc_stages if u != s and any(_overlaps(dep, o) for dep in _paths(d.get("deps")) for o in outs[u])}
+        s: {u for u in dvc_stages if u != s and any(_overlaps(dep, o) for dep in dvc_paths(d.get("deps")) for o in outs[u])}
         for s, d in dvc_stages.items()
     }
     order: list[str] = []
@@ -92,31 +87,20 @@ def stage_order(dvc_stages: dict[str, Any], only: list[str] | None = None) -> li
 
 
 def metrics_files(stage_def: dict[str, Any]) -> list[str]:
-    return [p for p in _paths(stage_def.get("metrics")) if p.endswith(".json")]
+    return [p for p in dvc_paths(stage_def.get("metrics")) if p.endswith(".json")]
 
 
 # ---------------------------------------------------------------- options from params.yaml
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-    retries: int = 0
-    retry_delay_s: float = 0
-    timeout_s: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def pipeline_options(params_file: Path, stages: list[str]) -> PipelineOptions:
-    """The `pipeline:` section of params.yaml (schema in diffrep.config), checked before anything runs."""
-    from diffrep.config import load_config
-
-    sec = load_config(params_file).pipeline if params_file.is_file() else None
-    if sec is None:
-        return PipelineOptions(0, 0.0, {})
+def pipeline_options(params_file: Path, stages: list[str]) -> PipelineConfig:
+    """The `pipeline:` section of params.yaml (defaults without the file), checked before anything runs."""
+    sec = load_config(params_file).pipeline if params_file.is_file() else PipelineConfig()
     for name, s in sec.timeout_s.items():
         if name not in stages:
             raise ValueError(f"{params_file.name}: pipeline.timeout_s names unknown stage {name!r}; "
                              f"dvc.yaml has: {', '.join(stages)}")
         if s <= 0:
             raise ValueError(f"{params_file.name}: pipeline.timeout_s.{name} must be > 0 seconds, got {s!r}")
-    return PipelineOptions(sec.retries, float(sec.retry_delay_s), dict(sec.timeout_s))
+    return sec
 
 
 # ---------------------------------------------------------------- one stage
@@ -236,7 +220,7 @@ def run_stage(
 # ---------------------------------------------------------------- end-of-run artifacts
 def grid_files(root: Path, dvc_stages: dict[str, Any], order: list[str]) -> list[Path]:
     """The PNG grids (GRID_GLOBS) that lie inside the outs of the stages this run covered."""
-    outs = [o for s in order for o in _paths(dvc_stages[s].get("outs"))]
+    outs = [o for s in order for o in dvc_paths(dvc_stages[s].get("outs"))]
     found = {p for g in GRID_GLOBS for p in root.glob(g) if p.is_file()}
     rel = {p: p.relative_to(root).as_posix() for p in found}
     return sorted((p for p in found if any(_overlaps(rel[p], o) for o in outs)), key=lambda p: rel[p])

@@ -10,15 +10,10 @@ import diffrep.nn.attention as attn_mod
 from diffrep.nn import (MultiHeadSelfAttention, ResNetEncoder, SelfAttention2d, UNet, logsnr_to_unit,
                         resolve_backend, set_attention_backend, sinusoidal, xformers_available)
 from diffrep.nn.attention import attention
+from diffrep.nn.layers import PreActBlock, zero_
 from diffrep.nn.unet import ResBlock, split_sizes
 
 TINY = dict(channels=8, groups=4, heads=2)
-
-
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 # ---------------------------------------------------------------- attention
@@ -85,13 +80,21 @@ def test_attention_modules_backends_agree_and_setter():
 
 
 # ---------------------------------------------------------------- embeddings
-def test_logsnr_embedding_range():
-    lam = torch.tensor([-math.inf, -20.0, 0.0, 20.0, math.inf])
+def test_logsnr_to_unit_closed_form():
+    lam = torch.tensor([-math.inf, -20.0, -3.0, 0.0, 3.0, 20.0, math.inf])
     u = logsnr_to_unit(lam)
-    assert torch.allclose(u, torch.tensor([1.0, u[1].item(), 0.5, u[3].item(), 0.0]))
-    assert (u.diff() < 0).all() and 0.99 < u[1] < 1 and 0 < u[3] < 0.01
-    e = sinusoidal(1000 * u, 7)
-    assert e.shape == (5, 7) and torch.isfinite(e).all()
+    expected = [1.0] + [2 / math.pi * math.atan(math.exp(-v / 2)) for v in (-20.0, -3.0, 0.0, 3.0, 20.0)] + [0.0]
+    torch.testing.assert_close(u, torch.tensor(expected))
+    torch.testing.assert_close(u + logsnr_to_unit(-lam), torch.ones(7))  # atan(x) + atan(1/x) = pi/2
+    # it is the time of the untruncated cosine schedule, logsnr = -2 log tan(pi u / 2)
+    torch.testing.assert_close(-2 * torch.log(torch.tan(math.pi * u[1:-1] / 2)), lam[1:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_sinusoidal_features_closed_form():
+    e = sinusoidal(torch.tensor([0.0, 2.0]), 7)  # odd dim: a zero column at the end
+    freqs = [math.exp(-math.log(10_000.0) * i / 3) for i in range(3)]
+    row = [math.cos(2 * f) for f in freqs] + [math.sin(2 * f) for f in freqs] + [0.0]
+    torch.testing.assert_close(e, torch.tensor([[1.0] * 3 + [0.0] * 4, row]))
 
 
 # ---------------------------------------------------------------- UNet
@@ -101,7 +104,7 @@ def test_unet_shapes_and_zero_at_init(size, mult, attn):
     G = len(mult)
     z_dim = 3 * G + 1
     m = UNet(3, 2, size, channel_mult=mult, attn_resolutions=attn, z_dim=z_dim, pose_dim=5, cond_channels=4, **TINY)
-    assert m.num_z_groups == G and sum(m.z_sizes) == z_dim and m.z_sizes == split_sizes(z_dim, G)
+    assert len(m.z_sizes) == G and sum(m.z_sizes) == z_dim and m.z_sizes == split_sizes(z_dim, G)
     assert any(isinstance(x, SelfAttention2d) for x in m.modules())
     B = 2
     x = torch.randn(B, 3, size, size)
@@ -110,7 +113,16 @@ def test_unet_shapes_and_zero_at_init(size, mult, attn):
     assert out.shape == (B, 2, size, size) and torch.equal(out, torch.zeros_like(out))  # zero-init conv_out
     out = perturb(m)(x, 1.5, **kw)  # scalar logsnr broadcasts
     assert out.shape == (B, 2, size, size) and out.abs().mean() > 0 and torch.isfinite(out).all()
-    print(f"\nUNet {size}px mult={mult}: {n_params(m):,} params")
+
+
+def test_zero_init_and_the_preact_block():
+    lin = zero_(torch.nn.Linear(3, 4))
+    assert torch.equal(lin(torch.randn(2, 3)), torch.zeros(2, 4))
+    blk = PreActBlock(8, groups=4)
+    x = torch.randn(2, 8, 4, 4)
+    assert not torch.equal(blk(x), x)
+    zero_(blk.conv2)  # a zero residual branch: the identity
+    assert torch.equal(blk(x), x)
 
 
 def test_resblock_identity_at_init():
@@ -212,12 +224,18 @@ def test_channels_last_matches_contiguous():
     out.sum().backward()  # backward through strided views works too
 
 
-def test_unet_from_config():
-    from diffrep.config import UNetConfig
+def test_from_config_builds_what_the_section_says():
+    from diffrep.config import EncoderConfig, UNetConfig
 
-    m = UNet.from_config(UNetConfig(), 1, 1, 16, z_dim=96)
-    assert m.z_sizes == [32, 32, 32] and m(torch.randn(1, 1, 16, 16), 0.0, z=torch.randn(1, 96)).shape == (1, 1, 16, 16)
-    print(f"\nUNet default config 16px z96: {n_params(m):,} params")
+    cfg = UNetConfig(channels=8, channel_mult=(1, 2), attn_resolutions=(8,), groups=4, heads=1)
+    torch.manual_seed(0)
+    m = UNet.from_config(cfg, 1, 2, 16, z_dim=6)
+    torch.manual_seed(0)
+    ref = UNet(1, 2, 16, channels=8, channel_mult=(1, 2), attn_resolutions=(8,), groups=4, heads=1, z_dim=6)
+    assert m.z_sizes == [3, 3] and m.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    enc = ResNetEncoder.from_config(EncoderConfig(width=8, depth=2, stages=2), 1, 8, out_dim=5, groups=4)
+    assert enc.output_shape == (5,) and sum(isinstance(b, PreActBlock) for b in enc.modules()) == 4
 
 
 # ---------------------------------------------------------------- encoder
@@ -229,7 +247,6 @@ def test_encoder_shapes(size, stages):
     s = size // 2 ** (stages - 1)
     assert vec.output_shape == (10,) and vec(x).shape == (2, 10)
     assert grid.output_shape == (4, s, s) and grid(x).shape == (2, 4, s, s)
-    print(f"\nencoder {size}px: vector {n_params(vec):,} / grid {n_params(grid):,} params")
 
 
 def test_encoder_bad_inputs():

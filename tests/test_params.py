@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from diffrep.config import Config, load_config
+from diffrep.audit import flatten
+from diffrep.config import Config, load_config, parse_config, to_dict
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -44,3 +45,25 @@ def test_unset_fields_finds_a_missing_nested_key():
     data = yaml.safe_load(PARAMS.read_text())
     del data["ldae"]["vit"]["heads"], data["seed"]
     assert unset_fields(Config, data) == ["seed", "ldae.vit.heads"]
+
+
+def drift(defaults: dict, params: dict) -> list[str]:
+    """One line per dotted key whose schema default differs from (or is missing beside) params.yaml's value."""
+    missing = object()
+    return [f"{k}: schema default {defaults.get(k, missing)!r} != params.yaml {v!r} (fix the default in config.py)"
+            for k, v in params.items() if defaults.get(k, missing) != v]
+
+
+def test_schema_defaults_equal_params_yaml():
+    """parse_config({}) resolves to exactly what params.yaml says: one set of defaults."""
+    defaults = flatten(to_dict(parse_config({})))
+    params = flatten(to_dict(load_config(PARAMS)))
+    assert defaults.keys() == params.keys()
+    assert drift(defaults, params) == []
+
+
+def test_drift_names_the_key():
+    params = flatten(to_dict(load_config(PARAMS)))
+    changed = {**params, "soda.unet.channels": 99}
+    assert drift(params, changed) == ["soda.unet.channels: schema default 16 != params.yaml 99 "
+                                      "(fix the default in config.py)"]

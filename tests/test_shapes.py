@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from diffrep.data import sdf
 from diffrep.data import shapes as S
 from diffrep.data.shapes import render_factors, render_shapes, sample_factors
 
@@ -134,18 +135,18 @@ def test_sdf_bounds_and_floor_contact(k):
     rng = np.random.default_rng(k)
     v = rng.normal(size=(3, 20000)).astype(np.float32)
     v /= np.linalg.norm(v, axis=0)
-    assert (S._sdf(k, *(v * (S._BOUND[k] - 1e-3))) > 0).all()  # the bounding sphere holds the shape
+    assert (sdf.sdf(k, *(v * (sdf.BOUND[k] - 1e-3))) > 0).all()  # the bounding sphere holds the shape
     g = np.linspace(-1.5, 1.5, 301, dtype=np.float32)
     x, z = np.meshgrid(g, g)
-    on_floor = S._sdf(k, x, np.full_like(x, -S._BOTTOM[k]), z)
-    below = S._sdf(k, x, np.full_like(x, -S._BOTTOM[k] - 0.02), z)
+    on_floor = sdf.sdf(k, x, np.full_like(x, -sdf.BOTTOM[k]), z)
+    below = sdf.sdf(k, x, np.full_like(x, -sdf.BOTTOM[k] - 0.02), z)
     assert on_floor.min() <= 1e-3 and (below > 0).all()  # stands on the floor, not in it
-    assert S._sdf(k, *np.zeros((3, 1), np.float32))[0] < 0 or k == 4  # the torus has a hole
+    assert sdf.sdf(k, *np.zeros((3, 1), np.float32))[0] < 0 or k == 4  # the torus has a hole
 
 
 def test_sphere_sdf_is_exact():
     p = np.array([[0.0, 2.0, 0.3], [0.0, 0.0, 0.4], [0.0, 0.0, 0.0]], np.float32)
-    np.testing.assert_allclose(S._sdf(0, *p), [-0.8, 1.2, -0.3], atol=1e-6)
+    np.testing.assert_allclose(sdf.sdf(0, *p), [-0.8, 1.2, -0.3], atol=1e-6)
 
 
 def test_bad_inputs_name_the_problem():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import perturb
+
 from diffrep.config import EncoderConfig, SodaConfig, TrainConfig, UNetConfig, ViewsConfig
 from diffrep.data.views import augment, pick_two_views
 from diffrep.io import ArtifactError
@@ -103,8 +105,15 @@ def test_encode_decode_interpolate_shapes_and_determinism():
     r1 = model.reconstruct(x, steps=4, generator=torch.Generator().manual_seed(1))
     r2 = model.reconstruct(x, steps=4, generator=torch.Generator().manual_seed(1))
     assert r1.shape == x.shape and torch.equal(r1, r2)
-    path = model.interpolate(x[0], x[1], n=5, steps=3)
+    model = perturb(model, std=0.1)  # off the zero init, so the decoder depends on z
+    path = model.interpolate(x[0], x[1], n=5, steps=3, seed=2)
     assert path.shape == (5, 1, 8, 8)
+    # the ends and the middle decode the two codes and their mean, all from the same noise
+    za, zb = model.encode(x[:1]), model.encode(x[1:2])
+    noise = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    for i, z in ((0, za), (2, (za + zb) / 2), (4, zb)):
+        torch.testing.assert_close(path[i:i + 1], model.decode(z, noise=noise, steps=3), atol=1e-5, rtol=0)
+    assert not torch.allclose(path[0], path[4], atol=1e-3)
 
 
 def test_artifact_round_trip_and_refusals(tmp_path):

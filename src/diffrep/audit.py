@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from diffrep.config import dotted_get
 from diffrep.dvc_folder import changed_files
 from diffrep.io import ArtifactError, path_hash
 
@@ -105,12 +106,7 @@ class Project:
     def param_now(self, file: str, key: str) -> Any:
         if file not in self._params:
             self._params[file] = _read_yaml(self.root / file)
-        node = self._params[file]
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return _MISSING
-            node = node[part]
-        return node
+        return dotted_get(self._params[file], key, _MISSING)
 
     def in_dvc_yaml(self, stage: str) -> bool:
         return stage.split("@")[0] in self.dvc_yaml  # foreach/matrix stages are "name@key" in dvc.lock
@@ -126,16 +122,16 @@ class Project:
     def _outs(self) -> dict[str, list[str]]:
         if self.lock:
             return {s: [_norm(o["path"]) for o in e.get("outs", [])] for s, e in self.lock.items()}
-        return {s: [_norm(p) for p in _yaml_paths(d.get("outs", []))] for s, d in self.dvc_yaml.items()}
+        return {s: dvc_paths(d.get("outs")) for s, d in self.dvc_yaml.items()}
 
     def metrics_file(self, stage: str) -> str | None:
         """The stage's metrics file: its first JSON `metrics:` entry in dvc.yaml, else metrics/<stage>.json if present.
 
         A declared file that is missing is a finding; a stage that declares none may simply write no metrics.
         """
-        for p in _yaml_paths(self.dvc_yaml.get(stage.split("@")[0], {}).get("metrics", [])):
+        for p in dvc_paths(self.dvc_yaml.get(stage.split("@")[0], {}).get("metrics")):
             if p.endswith(".json") and "${" not in p:
-                return _norm(p)
+                return p
         fallback = f"metrics/{stage}.json"
         return fallback if (self.root / fallback).is_file() else None
 
@@ -149,9 +145,9 @@ def _read_yaml(path: Path) -> Any:
         raise AuditError(f"{path}: not valid YAML ({e})") from e
 
 
-def _yaml_paths(entries: list[Any]) -> list[str]:
-    """dvc.yaml outs/metrics entries are "path" or {"path": {options}}."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+def dvc_paths(entries: list[Any] | None) -> list[str]:
+    """dvc.yaml deps/outs/metrics/plots entries ("path" or {"path": {options}}) as normalised relative paths."""
+    return [_norm(e if isinstance(e, str) else next(iter(e))) for e in entries or []]
 
 
 def _norm(p: str) -> str:
@@ -170,14 +166,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def lookup(metrics: dict[str, Any], key: str) -> Any:
     """A metric by name: a literal key first, then a dotted path (`probe.soda.mean`)."""
-    if key in metrics:
-        return metrics[key]
-    node: Any = metrics
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
+    return metrics[key] if key in metrics else dotted_get(metrics, key, _MISSING)
 
 
 def load_metrics(path: Path) -> dict[str, Any]:

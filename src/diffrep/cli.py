@@ -26,25 +26,47 @@ STAGES = {
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's own error types: their message says what is wrong and what to do, so no traceback.
+
+    Anything else (a shape bug, a library error) is a bug worth its traceback.
+    """
+    from diffrep.config import ConfigError
+    from diffrep.data.sources import SourceError
+    from diffrep.data.validate import DataValidationError
+    from diffrep.io import ArtifactError
+    from diffrep.train.engine import NonFiniteLossError
+
+    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError
+
+
+def _load_params(path: str):
+    """The validated config, or None after printing why it is not (a usage error)."""
+    from diffrep.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from diffrep.config import ConfigError, load_config
-    from diffrep.io import ArtifactError
 
     if args.name not in STAGES:
         print(f"diffrep stage: unknown stage {args.name!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = _load_params(args.params)
+    if cfg is None:
         return EXIT_USAGE
     module, func = STAGES[args.name].split(":")
     run = getattr(importlib.import_module(module), func)
     try:
         run(cfg, Path(args.root))
-    except (ArtifactError, ValueError, RuntimeError) as e:
+    except user_errors() as e:
+        if args.traceback:
+            raise
         print(f"error in stage {args.name}: {e}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
@@ -53,12 +75,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import json
 
-    from diffrep.config import ConfigError, load_config, to_dict
+    from diffrep.config import to_dict
 
-    try:
-        cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = _load_params(args.params)
+    if cfg is None:
         return EXIT_USAGE
     print(json.dumps(to_dict(cfg), indent=2))
     return EXIT_OK
@@ -84,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help=f"one of: {', '.join(STAGES)}")
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     s.add_argument("--root", default=".", help="repository root the stage reads and writes under")
+    s.add_argument("--traceback", action="store_true",
+                   help="show the traceback of the project's own errors too (others always show theirs)")
     s.set_defaults(func=_cmd_stage)
 
     s = sub.add_parser("params", help="validate params.yaml and print the resolved config")

@@ -56,7 +56,7 @@ class RuntimeConfig(Section):
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC memory format for 4-D activations
     num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)
 
 
@@ -125,21 +125,16 @@ class SodaConfig(Section):
     z_drop: float = Field(0.1, ge=0, lt=1)  # classifier-free guidance: drop the whole z
     pose_drop: float = Field(0.1, ge=0, lt=1)  # ... and, independently, the pose
     guidance: float = Field(0.3, ge=0)  # w in eps = (1+w) eps(c) - w eps(null)
-    encoder: EncoderConfig = EncoderConfig()
-    unet: UNetConfig = UNetConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    train: TrainConfig = TrainConfig()
-    eval_images: int = Field(500, ge=1)  # test images used for reconstruction PSNR/SSIM
+    encoder: EncoderConfig = EncoderConfig(width=16)
+    unet: UNetConfig = UNetConfig(channels=16, channel_mult=(1, 2, 4))
+    diffusion: DiffusionConfig = DiffusionConfig(sample_steps=25)
+    train: TrainConfig = TrainConfig(steps=1200, ema_decay=0.995, ckpt_every=250, log_every=25)
+    eval_images: int = Field(200, ge=1)  # test images used for reconstruction PSNR/SSIM
 
 
 # ---------------------------------------------------------------- Unified Latents
 class UlStage1Config(Section):
-    """Encoder + diffusion prior (plain ELBO) + diffusion decoder, trained jointly (models/ul.py).
-
-    Defaults are the 2-core CPU demo (16x16 mnist5k, ~600 steps). There, the paper's b=0 / c_lf=1.5 lets the
-    bitrate collapse (~0.02 bits/px) before the decoder learns to use the latent, so the demo uses b=2, c_lf=3
-    (a lower b needs a higher c_lf; docs/methods.md#unified-latents).
-    """
+    """Encoder + diffusion prior (plain ELBO) + diffusion decoder, trained jointly (models/ul.py)."""
 
     latent_channels: int = Field(4, ge=1)  # latent grid: (latent_channels, H / 2**(stages-1), W / 2**(stages-1))
     logsnr_z0: float = 5.0  # the fixed noise level of the latent, lambda_z(0)
@@ -159,10 +154,7 @@ class UlStage2Config(Section):
     """A larger base model on the frozen stage-1 latents, sigmoid weighting, sampled down to logsnr_z0."""
 
     base: UNetConfig = UNetConfig(channels=64, channel_mult=(1, 2), attn_resolutions=(2,))
-    # The clean latents have std ~0.18, so the cosine schedule spends most of its time where they are already
-    # drowned: shift 0.2 adds 2 log 5 = 3.2 to the logSNR. Measured on mnist5k (1,500 steps, FD in the
-    # feature-net space / real-vs-real floor): cosine 4.83x, cosine + sigmoid bias 3 4.83x, shifted 4.39x;
-    # 500 steps of cosine 6.23x. 100 instead of 32 sampling steps did not help (4.52x).
+    # shift 0.2 adds 2 log 5 = 3.2 to the logSNR of the cosine schedule
     diffusion: DiffusionConfig = DiffusionConfig(schedule="shifted_cosine", shift=0.2, parameterization="v",
                                                  weighting="sigmoid", sample_steps=32)
     train: TrainConfig = TrainConfig(steps=1500, ema_decay=0.995, ckpt_every=250, log_every=25)
@@ -184,8 +176,6 @@ class ViTConfig(Section):
 
 
 class LdaeConfig(Section):
-    # CPU demo, measured on mnist5k 16x16 (models/ldae.py): 8x8 patches (4 tokens) train 3x faster than 4x4
-    # and their features probe far better; d = 16 of 64 beat d = 4; flattened tokens beat the mean pool.
     noise_space: Literal["latent", "pixel"] = "latent"  # the paper's ablation
     pca_dim: int = Field(16, ge=1)  # d: noise goes into the top-d PCA components
     pca_fit_patches: int = Field(20000, ge=100)
@@ -200,7 +190,6 @@ class LdaeConfig(Section):
     # random-resized crop + intensity jitter of each training image, as SODA draws its views (None: off)
     augment: ViewsConfig | None = None
     vit: ViTConfig = ViTConfig(patch_size=8, dim=128, depth=6)
-    # lr 4e-3 beat 2e-3; a short run wants a short EMA
     train: TrainConfig = TrainConfig(steps=1500, batch_size=128, lr=4e-3, warmup_steps=50, ema_decay=0.99,
                                      ckpt_every=250, log_every=25)
 
@@ -248,7 +237,7 @@ class DciConfig(Section):
     method: Literal["random_forest", "lasso"] = "random_forest"  # the paper's two importance estimators
     bins: int = Field(10, ge=2)  # continuous factors -> this many equal-frequency classes
     n_estimators: int = Field(20, ge=1)  # random_forest
-    max_depth: int | None = Field(8, ge=1)  # random_forest; None: grow fully (~6x slower at 4000 codes)
+    max_depth: int | None = Field(8, ge=1)  # random_forest; None: grow fully
     lasso_c: float = Field(0.1, gt=0)  # lasso: inverse strength of the L1 penalty (logistic regression)
     max_train: int = Field(2000, ge=10)  # codes used to fit the importance estimators
     pca_dim: int = Field(32, ge=1)  # the PCA-of-pixels baseline code
@@ -292,10 +281,11 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
 
     def section(self, dotted: str) -> Any:
-        obj: Any = self
-        for part in dotted.split("."):
-            obj = getattr(obj, part)
-        return obj
+        """The (sub)section a dotted name picks, e.g. "ul.stage1"."""
+        out = dotted_get(self, dotted, _MISSING)
+        if out is _MISSING:
+            raise ConfigError(f"params: no section {dotted!r} in the schema (see diffrep/config.py)")
+        return out
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -339,6 +329,21 @@ def deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+_MISSING = object()
+
+
+def dotted_get(node: Any, dotted: str, default: Any) -> Any:
+    """node["a"]["b"] for "a.b", through nested dicts and config sections alike; `default` if a part is missing."""
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, BaseModel) and part in type(node).model_fields:
+            node = getattr(node, part)
+        else:
+            return default
+    return node
 
 
 def to_dict(section: BaseModel) -> dict:

@@ -9,7 +9,7 @@ wide bases and tall tops both stay in frame): the largest objects fill about
 directional light gives Lambertian shading plus a hemispheric ambient term, a
 soft shadow traced through the object's signed distance field, and a little
 ambient occlusion where the object meets the floor. Objects are sphere-traced
-(SDF), the room is intersected analytically; everything is batched numpy over
+(SDF, data/sdf.py), the room is intersected analytically; everything is batched numpy over
 chunks of images, one shape class at a time. Each image is rendered at
 `supersample` x the final size (at least 64 px) and box-filtered down.
 
@@ -39,9 +39,9 @@ import math
 
 import numpy as np
 
+from diffrep.data.sdf import BOTTOM, BOUND, SHAPE_NAMES, normal, occlusion, soft_shadow, trace
 from diffrep.data.types import RawDataset
 
-SHAPE_NAMES = ["sphere", "cube", "cylinder", "cone", "torus", "capsule", "pyramid", "octahedron"]
 FACTOR_NAMES = ["shape", "object_hue", "floor_hue", "wall_hue", "scale", "azimuth", "elevation"]
 POSE_LAYOUT = ["sin_azimuth", "cos_azimuth", "elevation"]
 SCALE_RANGE = (0.75, 1.25)
@@ -59,136 +59,8 @@ AMBIENT, SKY, DIFFUSE = 0.18, 0.17, 0.68  # ambient + SKY * up-facing + DIFFUSE 
 # (saturation, value) of the hues: a vivid object in a paler room
 OBJECT_SV, FLOOR_SV, WALL_SV = (0.85, 0.92), (0.5, 0.85), (0.4, 0.8)
 
-# Per class: distance from the local centre to the floor (the object's half
-# height) and a bounding-sphere radius around the local centre, both unscaled.
-_BOTTOM = np.array([0.80, 0.62, 0.62, 0.75, 0.30, 0.92, 0.70, 0.90], np.float32)
-_BOUND = np.array([0.82, 1.05, 0.9, 1.12, 0.98, 0.94, 1.23, 0.92], np.float32)
-
 _F32 = np.float32
-_MAX_STEPS, _HIT_EPS = 96, 1e-3
 _CHUNK_RAYS = 1 << 17  # rays per batch: amortises numpy call overhead, temporaries stay in L2
-
-
-# ---------------------------------------------------------------- signed distance fields
-def _sdf(k: int, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Signed distance to shape class `k` in its local frame (centre at 0, unit scale).
-
-    Max-of-planes shapes (cone, pyramid, octahedron) return a lower bound of the
-    distance, which sphere tracing only needs to be conservative.
-    """
-    if k == 0:  # sphere
-        return np.sqrt(x * x + y * y + z * z) - _F32(0.8)
-    if k == 1:  # cube, slightly rounded so its edges catch the light
-        qx, qy, qz = np.abs(x) - _F32(0.56), np.abs(y) - _F32(0.56), np.abs(z) - _F32(0.56)
-        ox, oy, oz = np.maximum(qx, 0), np.maximum(qy, 0), np.maximum(qz, 0)
-        inside = np.minimum(np.maximum(np.maximum(qx, qy), qz), 0)
-        return np.sqrt(ox * ox + oy * oy + oz * oz) + inside - _F32(0.06)
-    if k == 2:  # cylinder, radius 0.62, half height 0.62
-        dr = np.sqrt(x * x + z * z) - _F32(0.62)
-        dy = np.abs(y) - _F32(0.62)
-        or_, oy = np.maximum(dr, 0), np.maximum(dy, 0)
-        return np.minimum(np.maximum(dr, dy), 0) + np.sqrt(or_ * or_ + oy * oy)
-    if k == 3:  # cone, base radius 0.8, height 1.5
-        r, h = 0.8, 1.5
-        n = math.hypot(h, r)
-        side = (np.sqrt(x * x + z * z) * _F32(h / n) + (y - _F32(h / 2)) * _F32(r / n))
-        return np.maximum(side, -y - _F32(h / 2))
-    if k == 4:  # torus lying flat, ring radius 0.66, tube radius 0.3
-        q = np.sqrt(x * x + z * z) - _F32(0.66)
-        return np.sqrt(q * q + y * y) - _F32(0.3)
-    if k == 5:  # upright capsule, segment half length 0.42, radius 0.5
-        dy = y - np.clip(y, _F32(-0.42), _F32(0.42))
-        return np.sqrt(x * x + dy * dy + z * z) - _F32(0.5)
-    if k == 6:  # square pyramid, base half width 0.7, height 1.4
-        a, h = 0.7, 1.4
-        n = math.hypot(h, a)
-        top = (y - _F32(h / 2)) * _F32(a / n)
-        sx = np.abs(x) * _F32(h / n) + top
-        sz = np.abs(z) * _F32(h / n) + top
-        return np.maximum(np.maximum(sx, sz), -y - _F32(h / 2))
-    if k == 7:  # octahedron standing on a vertex
-        return (np.abs(x) + np.abs(y) + np.abs(z) - _F32(0.9)) * _F32(1 / math.sqrt(3))
-    raise ValueError(f"shape class {k} is not one of 0..{len(SHAPE_NAMES) - 1}")
-
-
-def _scene_sdf(k: int, x, y, z):
-    # object plus floor (local y of the floor is -bottom), for ambient occlusion
-    return np.minimum(_sdf(k, x, y, z), y + _BOTTOM[k])
-
-
-def _normal(k: int, x, y, z):
-    """Unit SDF gradient by tetrahedral differences (4 evaluations)."""
-    e = _F32(1e-3)
-    nx = np.zeros_like(x)
-    ny, nz = np.zeros_like(x), np.zeros_like(x)
-    for sx, sy, sz in ((1, -1, -1), (-1, -1, 1), (-1, 1, -1), (1, 1, 1)):
-        d = _sdf(k, x + sx * e, y + sy * e, z + sz * e)
-        nx += sx * d
-        ny += sy * d
-        nz += sz * d
-    inv = 1 / np.maximum(np.sqrt(nx * nx + ny * ny + nz * nz), _F32(1e-12))
-    return nx * inv, ny * inv, nz * inv
-
-
-def _sphere_hit(ox, oy, oz, dx, dy, dz, radius):
-    """Entry/exit distances of unit-direction rays through a sphere at 0 (nan = miss)."""
-    b = ox * dx + oy * dy + oz * dz
-    c = ox * ox + oy * oy + oz * oz - radius * radius
-    disc = b * b - c
-    s = np.sqrt(np.maximum(disc, 0))
-    miss = disc <= 0
-    return np.where(miss, np.nan, -b - s), np.where(miss, np.nan, -b + s)
-
-
-def _trace(k: int, ox, oy, oz, dx, dy, dz, t0, t1):
-    """Sphere-trace rays from t0 to t1; returns the hit distance (inf = miss).
-
-    Finished rays are dropped every step so the cost follows the live rays.
-    """
-    t_hit = np.full(ox.shape, np.inf, _F32)
-    idx = np.arange(ox.size)
-    t = t0.copy()
-    for _ in range(_MAX_STEPS):
-        if idx.size == 0:
-            break
-        h = _sdf(k, ox[idx] + t * dx[idx], oy[idx] + t * dy[idx], oz[idx] + t * dz[idx])
-        hit = h < _HIT_EPS * np.maximum(t, 1)
-        t_hit[idx[hit]] = t[hit]
-        t = t + h
-        live = ~hit & (t < t1[idx])
-        idx, t = idx[live], t[live]
-    return t_hit
-
-
-def _soft_shadow(k: int, px, py, pz, radius):
-    """Light visibility in [0, 1] of local points, a soft shadow through the SDF."""
-    lx, ly, lz = (_F32(v) for v in LIGHT)
-    vis = np.ones(px.shape, _F32)
-    t0, t1 = _sphere_hit(px, py, pz, lx, ly, lz, radius)
-    idx = np.nonzero(t1 > 0)[0]  # nan compares false: rays that miss the object
-    t = np.maximum(t0[idx], _F32(0.02))
-    t1 = t1[idx]
-    res = np.ones(idx.shape, _F32)
-    for _ in range(40):
-        if idx.size == 0:
-            break
-        h = _sdf(k, px[idx] + t * lx, py[idx] + t * ly, pz[idx] + t * lz)
-        res = np.minimum(res, _F32(10) * h / t)  # penumbra: near misses darken
-        vis[idx] = np.clip(res, 0, 1)
-        t = t + np.clip(h, _F32(0.01), _F32(0.25))
-        live = (h > _HIT_EPS) & (t < t1)
-        idx, t, t1, res = idx[live], t[live], t1[live], res[live]
-    return vis
-
-
-def _occlusion(k: int, px, py, pz, nx, ny, nz):
-    """Ambient occlusion in [0, 1] from 4 scene-SDF samples along the normal."""
-    occ = np.zeros(px.shape, _F32)
-    for i, h in enumerate((0.06, 0.16, 0.32, 0.55)):
-        h = _F32(h)
-        d = _scene_sdf(k, px + h * nx, py + h * ny, pz + h * nz)
-        occ += _F32(0.5**i) * np.clip((h - d) / h, 0, 1)
-    return np.clip(1 - _F32(0.75 / 1.875) * occ, 0, 1)
 
 
 # ---------------------------------------------------------------- colours
@@ -206,7 +78,7 @@ def _cameras(k: int, scale: np.ndarray, azimuth: np.ndarray, elevation: np.ndarr
     scale, azimuth, elevation = (np.asarray(a, np.float64) for a in (scale, azimuth, elevation))
     # aim a little below the centre: the near base rim of wide shapes (cone, pyramid)
     # drops in the frame as the camera rises
-    target = np.stack([np.zeros_like(scale), AIM * scale * float(_BOTTOM[k]), np.zeros_like(scale)], -1)
+    target = np.stack([np.zeros_like(scale), AIM * scale * float(BOTTOM[k]), np.zeros_like(scale)], -1)
     ce = np.cos(elevation)
     cam = target + CAM_DIST * np.stack([ce * np.sin(azimuth), np.sin(elevation), ce * np.cos(azimuth)], -1)
     fwd = target - cam
@@ -244,7 +116,7 @@ def _render_class(k: int, f: np.ndarray, res: int):
     cam, dx, dy, dz = _cameras(k, f[:, 4], f[:, 5], f[:, 6], res)
     s = f[:, 4:5].astype(_F32)  # (B, 1)
     inv_s = 1 / s
-    cy = s * _BOTTOM[k]  # object centre height
+    cy = s * BOTTOM[k]  # object centre height
     ox, oy, oz = cam[:, 0:1], cam[:, 1:2], cam[:, 2:3]
     lx, ly, lz = (float(v) for v in LIGHT)
 
@@ -260,17 +132,17 @@ def _render_class(k: int, f: np.ndarray, res: int):
 
     # object: sphere-trace rays that enter its bounding sphere
     bb = lox * dx + loy * dy + loz * dz
-    disc = bb * bb - (lox * lox + loy * loy + loz * loz - _BOUND[k] ** 2)
+    disc = bb * bb - (lox * lox + loy * loy + loz * loz - BOUND[k] ** 2)
     cand = np.flatnonzero((disc > 0) & (bb < 0))
     img = cand // p
     root = np.sqrt(disc.ravel()[cand])
     cdx, cdy, cdz = dx.ravel()[cand], dy.ravel()[cand], dz.ravel()[cand]
     cox, coy, coz = lox[img, 0], loy[img, 0], loz[img, 0]
-    t_obj = _trace(k, cox, coy, coz, cdx, cdy, cdz, -bb.ravel()[cand] - root, -bb.ravel()[cand] + root)
+    t_obj = trace(k, cox, coy, coz, cdx, cdy, cdz, -bb.ravel()[cand] - root, -bb.ravel()[cand] + root)
     h = np.isfinite(t_obj)
     hit, t_obj = cand[h], t_obj[h]
     qx, qy, qz = cox[h] + t_obj * cdx[h], coy[h] + t_obj * cdy[h], coz[h] + t_obj * cdz[h]
-    nx, ny, nz = _normal(k, qx, qy, qz)
+    nx, ny, nz = normal(k, qx, qy, qz)
     for a, v in ((px, qx), (py, qy), (pz, qz)):
         a.ravel()[hit] = v
     light.ravel()[hit] = AMBIENT + SKY * (0.5 + 0.5 * ny)
@@ -281,17 +153,17 @@ def _render_class(k: int, f: np.ndarray, res: int):
     # soft shadows on lit points whose ray to the light passes the object's bounding sphere
     fx, fy, fz = px.ravel(), py.ravel(), pz.ravel()
     bl = fx * lx + fy * ly + fz * lz
-    towards = bl * bl - (fx * fx + fy * fy + fz * fz - _BOUND[k] ** 2) > 0  # line meets the sphere
+    towards = bl * bl - (fx * fx + fy * fy + fz * fz - BOUND[k] ** 2) > 0  # line meets the sphere
     sh = np.flatnonzero(towards & (direct.ravel() > 0))
     snx, sny, snz = _normals_at(sh, covered, hit, (nx, ny, nz), surface, dx, dz)
     off = _F32(0.02)  # leave the surface before tracing towards the light
-    direct.ravel()[sh] *= _soft_shadow(k, fx[sh] + off * snx, fy[sh] + off * sny, fz[sh] + off * snz,
-                                       _BOUND[k])
+    direct.ravel()[sh] *= soft_shadow(k, fx[sh] + off * snx, fy[sh] + off * sny, fz[sh] + off * snz,
+                                      BOUND[k], tuple(_F32(v) for v in LIGHT))
 
     # ambient occlusion near the object (contact darkening on the floor, creases)
-    near = np.flatnonzero(fx * fx + (fy + _BOTTOM[k]) ** 2 + fz * fz < (_BOUND[k] + 0.8) ** 2)
+    near = np.flatnonzero(fx * fx + (fy + BOTTOM[k]) ** 2 + fz * fz < (BOUND[k] + 0.8) ** 2)
     anx, any_, anz = _normals_at(near, covered, hit, (nx, ny, nz), surface, dx, dz)
-    light.ravel()[near] *= _occlusion(k, fx[near], fy[near], fz[near], anx, any_, anz)
+    light.ravel()[near] *= occlusion(k, fx[near], fy[near], fz[near], anx, any_, anz)
     light += DIFFUSE * direct  # (B, P)
 
     fl = surface == 0

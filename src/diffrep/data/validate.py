@@ -26,6 +26,10 @@ SOURCE_CHANNELS = {"mnist5k": 1, "digits": 1, "shapes": 3}
 _STAT_CHUNK = 4096  # rows per numpy pass: bounds the temporaries for large datasets
 
 
+class DataValidationError(ValueError):
+    """The data failed its expectations; the message (`format_failures`) names the images and what to do."""
+
+
 @dataclass
 class CheckResult:
     name: str

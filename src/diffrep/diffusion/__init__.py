@@ -2,7 +2,8 @@
 
 Everything is written in log-SNR: a schedule maps t in [0,1] to logsnr
 (t=0 clean, t=1 noisy); alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr).
-Models only ever see (z_t, logsnr).
+Models only ever see (z_t, logsnr). l-DAE's variance-exploding process
+(`LinearSigma`, `logsnr_of_sigma`, `ve_weighted`) is the exception; see schedules.py.
 """
 from .gaussian import (
     PARAMETERIZATIONS,
@@ -13,10 +14,10 @@ from .gaussian import (
     from_x0_eps,
     to_x0_eps,
 )
-from .guidance import cfg_combine, guided, guided_batched, tile_batch
-from .losses import NATS_PER_BIT, WEIGHTINGS, loss_weight, prior_kl_terminal, sample_t, training_losses
+from .guidance import cfg_combine, guided_batched, tile_batch
+from .losses import NATS_PER_BIT, WEIGHTINGS, loss_weight, prior_kl_terminal, training_losses, ve_weighted
 from .sampler import ddim_sample
-from .schedules import SCHEDULES, Schedule, make_schedule, t_for_logsnr
+from .schedules import SCHEDULES, LinearSigma, Schedule, logsnr_of_sigma, make_schedule, schedule_of, t_for_logsnr
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -25,6 +26,10 @@ __all__ = [
     "NATS_PER_BIT",
     "Schedule",
     "make_schedule",
+    "LinearSigma",
+    "logsnr_of_sigma",
+    "ve_weighted",
+    "schedule_of",
     "t_for_logsnr",
     "alpha_sigma",
     "add_noise",
@@ -32,13 +37,11 @@ __all__ = [
     "to_x0_eps",
     "from_x0_eps",
     "eps_error_scale",
-    "sample_t",
     "loss_weight",
     "training_losses",
     "prior_kl_terminal",
     "ddim_sample",
     "cfg_combine",
-    "guided",
     "guided_batched",
     "tile_batch",
 ]

@@ -6,33 +6,20 @@ affine in the prediction for fixed z_t, logsnr): guide whatever the model
 predicts, before `to_x0_eps`.
 
 Which conditions are "null" is the model's business, not this module's: a
-model that was trained with independent condition dropout takes per-condition
-keep masks, and the caller builds the two denoisers from it. With a SODA-like
-model `model(z_t, logsnr, latent, pose, keep_latent, keep_pose)` (keep_*: (B,)
-bool; False -> that condition is replaced by its learned null):
-
-    ones = torch.ones(B, dtype=torch.bool); zeros = ~ones
-    cond   = lambda z, l: model(z, l, lat, pose, ones, ones)
-    # "drop z only"   (guide on the latent, keep the pose in both):
-    uncond = lambda z, l: model(z, l, lat, pose, zeros, ones)
-    # "drop pose only":
-    uncond = lambda z, l: model(z, l, lat, pose, ones, zeros)
-    # "drop both":
-    uncond = lambda z, l: model(z, l, lat, pose, zeros, zeros)
-    denoise = guided(cond, uncond, w=0.3)
-    x = ddim_sample(denoise, shape, schedule)
-
-One batched forward instead of two: `guided_batched(fn, w)` calls
-`fn(z2, logsnr2, drop)` once on the doubled batch, z2 = cat([z, z]),
-drop = (2B,) bool, False on the first B rows (conditional) and True on the
-last B (unconditional); when w == 0 it gets only the B conditional rows. fn
-must size its conditions to z2's batch, which `tile_batch` does:
+model trained with independent condition dropout takes per-condition keep
+masks. `guided_batched(fn, w)` calls `fn(z2, logsnr2, drop)` once on the
+doubled batch, z2 = cat([z, z]), drop = (2B,) bool, False on the first B rows
+(conditional) and True on the last B (unconditional); when w == 0 it gets only
+the B conditional rows. fn sizes its conditions to z2's batch with
+`tile_batch` and decides what `drop` removes; with a SODA-like model
+`model(z, logsnr, latent, pose, keep_latent, keep_pose)`, "drop z only" is
 
     def fn(z2, l2, drop):
         keep = ~drop
         n = z2.shape[0]
-        return model(z2, l2, tile_batch(lat, n), tile_batch(pose, n),
-                     keep, torch.ones_like(keep))          # "drop z only"
+        return model(z2, l2, tile_batch(lat, n), tile_batch(pose, n), keep, torch.ones_like(keep))
+
+    x = ddim_sample(guided_batched(fn, w=0.3), shape, schedule)
 """
 from __future__ import annotations
 
@@ -46,24 +33,6 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def cfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, w: float) -> torch.Tensor:
     """(1 + w) * pred_cond - w * pred_uncond; w=0 is the conditional model."""
     return (1.0 + w) * pred_cond - w * pred_uncond
-
-
-def guided(denoise_cond: DenoiseFn, denoise_uncond: DenoiseFn | None, w: float) -> DenoiseFn:
-    """A denoise_fn(z_t, logsnr) applying CFG with weight w (two forward passes).
-
-    w == 0 (or no unconditional denoiser) returns denoise_cond itself: no wasted pass.
-    """
-    if w < 0:
-        raise ValueError(f"guided: guidance weight w must be >= 0, got {w}")
-    if w == 0 or denoise_uncond is None:
-        if w != 0:
-            raise ValueError("guided: w > 0 needs denoise_uncond")
-        return denoise_cond
-
-    def fn(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-        return cfg_combine(denoise_cond(z_t, logsnr), denoise_uncond(z_t, logsnr), w)
-
-    return fn
 
 
 def tile_batch(c: torch.Tensor, n: int) -> torch.Tensor:

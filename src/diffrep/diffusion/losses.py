@@ -35,37 +35,6 @@ Weighting = Literal["plain", "elbo", "sigmoid"]
 WEIGHTINGS: tuple[str, ...] = ("plain", "elbo", "sigmoid")
 
 
-def sample_t(
-    batch: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    antithetic: bool = False,
-    low_discrepancy: bool = False,
-) -> torch.Tensor:
-    """Training times t in [0, 1), shape (batch,), float32.
-
-    antithetic: pairs (u, 1-u) (batch must be even): lowers the variance of
-    the batch mean for losses monotone in t.
-    low_discrepancy: VDM's stratified times t_i = (u + i/B) mod 1, one shared
-    u; each t_i is still marginally uniform, the batch covers [0,1) evenly.
-    """
-    if batch < 1:
-        raise ValueError(f"sample_t: batch must be >= 1, got {batch}")
-    if antithetic and low_discrepancy:
-        raise ValueError("sample_t: choose antithetic or low_discrepancy, not both")
-    if generator is not None and device is None:
-        device = generator.device
-    if low_discrepancy:
-        u = torch.rand((1,), generator=generator, device=device)
-        return torch.remainder(u + torch.arange(batch, device=device) / batch, 1.0)
-    if antithetic:
-        if batch % 2:
-            raise ValueError(f"sample_t: antithetic sampling needs an even batch, got {batch}")
-        u = torch.rand((batch // 2,), generator=generator, device=device)
-        return torch.cat([u, 1.0 - u])
-    return torch.rand((batch,), generator=generator, device=device)
-
-
 def loss_weight(
     logsnr: torch.Tensor, dlogsnr_dt: torch.Tensor, weighting: Weighting | str, sigmoid_bias: float = 0.0
 ) -> torch.Tensor:
@@ -75,6 +44,16 @@ def loss_weight(
     if weighting == "sigmoid":
         return -0.5 * dlogsnr_dt * torch.sigmoid(sigmoid_bias - logsnr)
     raise ValueError(f"loss_weight: weighting {weighting!r} has no eps-space weight; use 'elbo' or 'sigmoid'")
+
+
+def ve_weighted(loss: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A per-example x0 loss (B,) of a variance-exploding input times l-DAE's lambda_t = 1 / (1 + sigma^2).
+
+    lambda_t = sigmoid(logsnr) = alpha^2 of the VP process at the same logSNR. Since x - x0_hat =
+    sigma (eps_hat - eps), this is sigmoid(-logsnr) * ||eps - eps_hat||^2: a sigmoid weighting with
+    bias 0 but without the ELBO's -dlogsnr/dt factor, so unlike "sigmoid" it is not a reweighted ELBO.
+    """
+    return loss / (1.0 + sigma.float().square())
 
 
 def training_losses(

@@ -54,7 +54,7 @@ def ddim_sample(
 
     denoise_fn(z_t, logsnr) -> prediction of kind `parameterization`; logsnr is
     a (B,) float32 tensor. Close over conditions (and guidance, see
-    `guidance.guided`) in denoise_fn.
+    `guidance.guided_batched`) in denoise_fn.
     shape_or_noise: a shape -> z at t_start ~ N(0, I) (drawn with `generator`
     on `device`; the right start only when t_start ~ 1), or a tensor used as
     z at t_start (e.g. a noised input for partial sampling).

@@ -4,7 +4,15 @@ Time t lies in [0, 1]: t=0 is the clean end (logSNR = logsnr_max), t=1 the
 noisy end (logSNR = logsnr_min); every schedule is monotone decreasing in t.
 With a variance-preserving process, alpha^2 = sigmoid(logsnr) and
 sigma^2 = sigmoid(-logsnr) (see `gaussian.py`), so a schedule is all that
-distinguishes SODA, Unified Latents and l-DAE at the diffusion level.
+distinguishes SODA and Unified Latents at the diffusion level.
+
+l-DAE stands apart (`LinearSigma` at the end of this file): its process is
+variance-exploding, z = x + sigma_t eps with sigma_t linear in t and no input
+scaling, its noise goes into the top-d patch-PCA components only (models/ldae.py),
+and logSNR = -2 log sigma_t is +inf at t = 0, outside any finite
+[logsnr_min, logsnr_max]. It shares the logSNR convention: the network is
+conditioned on the same logSNR a VP process at that noise level would have
+(the VP latent is the VE input times alpha = 1 / sqrt(1 + sigma^2)).
 
 Every schedule and its derivative is evaluated in float64 internally and
 returned in the input's dtype, so endpoint values (logSNR +-15) and the ELBO
@@ -156,6 +164,37 @@ def make_schedule(
 ) -> Schedule:
     """Build a schedule by name (see the module docstring for the formulas)."""
     return Schedule(name=name, logsnr_min=float(logsnr_min), logsnr_max=float(logsnr_max), shift=float(shift))
+
+
+def schedule_of(section) -> Schedule:
+    """The schedule a diffusion config section names (its schedule, logsnr_min, logsnr_max and shift)."""
+    return make_schedule(section.schedule, section.logsnr_min, section.logsnr_max, section.shift)
+
+
+@dataclass(frozen=True)
+class LinearSigma:
+    """l-DAE's variance-exploding schedule: z_t = x + sigma_t eps, sigma_t = sigma_max * t (no input scaling).
+
+    Computed in the input's dtype (no float64 detour): l-DAE's training numbers are defined by it.
+    """
+
+    sigma_max: float
+
+    def __post_init__(self) -> None:
+        if not self.sigma_max > 0:
+            raise ValueError(f"LinearSigma: sigma_max must be > 0, got {self.sigma_max}")
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma_max * t
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """logSNR at t: -2 log(sigma_max t), +inf at t = 0."""
+        return logsnr_of_sigma(self.sigma(t))
+
+
+def logsnr_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """The logSNR of a variance-exploding input x + sigma eps: SNR = 1 / sigma^2, so -2 log sigma."""
+    return -2.0 * torch.log(sigma)
 
 
 def t_for_logsnr(schedule: Schedule, logsnr: torch.Tensor | float, iters: int = 60) -> torch.Tensor:

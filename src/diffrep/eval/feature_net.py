@@ -8,8 +8,9 @@ split (the `feature_net` stage). The metrics name it as such (`fd_featnet`,
 globally average-pooled last convolutional map, just before the linear
 classifier: (B, width * 2**(stages-1)).
 
-Architecture: a 3x3 stem, then per stage `depth` pre-activation residual
-blocks (GroupNorm, SiLU) and a stride-2 3x3 convolution between stages.
+Architecture: the body of the ResNet encoder (nn/layers.py `preact_body`): a
+3x3 stem, then per stage `depth` pre-activation residual blocks (GroupNorm,
+SiLU) and a stride-2 3x3 convolution between stages.
 Training follows the engine's model protocol; the training views are
 random-resized crops with a little intensity jitter (data/views.py).
 """
@@ -21,23 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffrep.config import FeatureNetConfig
+from diffrep.config import ConfigError, FeatureNetConfig
 from diffrep.data.views import augment
 from diffrep.io import ArtifactError, load_torch
 from diffrep.models.artifact import FILE, register
+from diffrep.nn.layers import preact_body
 
 KIND = "feature_net"
-
-
-class Block(nn.Module):
-    def __init__(self, ch: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
 
 
 class FeatureNet(nn.Module):
@@ -46,19 +37,13 @@ class FeatureNet(nn.Module):
         C, H, W = image_shape
         widths = [cfg.width * 2**i for i in range(cfg.stages)]
         if cfg.width % cfg.groups:
-            raise ValueError(f"feature_net.groups={cfg.groups} must divide feature_net.width={cfg.width}")
+            raise ConfigError(f"feature_net.groups={cfg.groups} must divide feature_net.width={cfg.width}")
         if min(H, W) < 2 ** (cfg.stages - 1):
-            raise ValueError(f"feature_net.stages={cfg.stages} halves {H}x{W} images below 1 pixel; use fewer stages")
+            raise ConfigError(f"feature_net.stages={cfg.stages} halves {H}x{W} images below 1 pixel; use fewer stages")
         if num_classes < 2:
             raise ValueError(f"feature_net needs at least 2 classes, the data has {num_classes}")
         self.cfg, self.image_shape, self.num_classes = cfg, tuple(image_shape), num_classes
-        layers: list[nn.Module] = [nn.Conv2d(C, widths[0], 3, padding=1)]
-        for i, w in enumerate(widths):
-            if i:
-                layers.append(nn.Conv2d(widths[i - 1], w, 3, stride=2, padding=1))
-            layers += [Block(w, cfg.groups) for _ in range(cfg.depth)]
-        layers += [nn.GroupNorm(cfg.groups, widths[-1]), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+        self.body = preact_body(C, widths, cfg.depth, cfg.groups)
         self.head = nn.Linear(widths[-1], num_classes)
         self.num_features = widths[-1]  # torchmetrics reads this instead of probing with a dummy image
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffrep.io import atomic_path
 
@@ -16,17 +17,23 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def tile(images: torch.Tensor, ncol: int, pad: int = 1, upscale: int = 1) -> np.ndarray:
-    """Tile (N, C, H, W) row-major into one (rows*(H+pad), ncol*(W+pad), C) uint8 array."""
-    x = to_uint8(images)
+    """Tile (N, C, H, W) in [-1, 1] row-major into one (rows*(H+pad)+pad, ncol*(W+pad)+pad, C) uint8 array.
+
+    Padding and empty slots are white; a short last row keeps the grid `ncol` images wide.
+    """
+    from torchvision.utils import make_grid  # lazily: importing torchvision takes seconds
+
+    if ncol < 1:
+        raise ValueError(f"grid: ncol must be >= 1, got {ncol}")
+    x = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
     if upscale > 1:
-        x = x.repeat(upscale, axis=1).repeat(upscale, axis=2)
-    n, h, w, c = x.shape
+        x = x.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    n, c = x.shape[:2]
     rows = -(-n // ncol)
-    out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):  # N is a few dozen images: a Python loop over tiles is fine here
-        r, k = divmod(i, ncol)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
-    return out
+    x = torch.cat([x, x.new_full((rows * ncol - n, *x.shape[1:]), 255)])  # white empty slots
+    # make_grid returns a lone image unpadded and turns grey into RGB: pad it here, keep the first c channels
+    grid = make_grid(x, nrow=ncol, padding=pad, pad_value=255) if len(x) > 1 else F.pad(x[0], [pad] * 4, value=255)
+    return grid[:c].permute(1, 2, 0).contiguous().numpy()
 
 
 def save_grid(path: str | Path, images: torch.Tensor, ncol: int, upscale: int = 2) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -83,8 +83,3 @@ def load_model(path: str | Path, kind: str, init_seed: int | None = None) -> nn.
         raise ArtifactError(f"{file}: weights do not fit the {kind} model its config describes ({e}); "
                             "the file was changed after it was written: re-run its stage") from None
     return module.eval()
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    payload = load_torch(Path(path) / FILE if Path(path).is_dir() else path)
-    return {"kind": payload["kind"], "image_shape": payload["image_shape"], "section": json.loads(payload["section"])}

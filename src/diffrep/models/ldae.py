@@ -9,39 +9,31 @@ Choices, and why (the paper states the mechanism; [choice] marks what it leaves 
   are dropped; the network input is decode(z[:d] + sigma_t eps) (the paper's
   V_d^T (V_d x + sigma eps), gamma = 1, no input scaling). So the input carries no
   information beyond d, and the tail of the image must be *predicted*: that is what
-  the rest_weight term trains. sigma_t = sigma_max * t, t ~ U(0, 1), sigma_max = sqrt(2).
+  the rest_weight term trains. sigma_t = sigma_max * t, t ~ U(0, 1), sigma_max = sqrt(2):
+  the core's variance-exploding `LinearSigma` (diffusion/schedules.py, which says why l-DAE
+  cannot use the VP `add_noise`).
 - noise_space "pixel" (the ablation, the paper's no-tokenizer DiT row): input = x + sigma_t eps,
   the full image with isotropic pixel noise; target, loss and network unchanged.
 - Target: the clean image x. Loss on the residual r = x_hat - x in *orthonormal* PCA
   coordinates (a rotation of each centred patch, so with all weights 1 it is exactly
   the pixel MSE): weight 1 on components < d, rest_weight on the others, mean over
-  tokens and components, times lambda_t = 1 / (1 + sigma_t^2) per sample.
-- Conditioning: the ViT sees log-SNR = -2 log sigma_t (+inf at sigma = 0; the
+  tokens and components, times lambda_t = 1 / (1 + sigma_t^2) per sample (`ve_weighted`).
+- Conditioning: the ViT sees log-SNR = -2 log sigma_t (`logsnr_of_sigma`; +inf at sigma = 0; the
   embedding maps it to a bounded time), so one embedding serves every model here.
 - Features: the clean image through the same input path with no noise added (the
   top-d projection in latent mode), the ViT conditioned on the small fixed noise
   level `feature_logsnr`, encoder tokens (first depth // 2 blocks), then either
   average-pooled -> (B, dim) as in the paper, or flattened -> (B, N * dim)
   (`feature_pool`). Deterministic: no noise is drawn [choice].
-
-Measured on mnist5k 16x16 (4,000 train / 1,000 test, 1 thread, scratch runs;
-cosine kNN k=20 on the test split; raw pixels 0.942, linear probe 0.908):
-- 4x4 patches (16 tokens), dim 96, depth 4, d 8, 600 steps: mean-pooled kNN 0.705,
-  flattened 0.937, linear probe (mean pool) 0.858. Pooling 16 tokens throws away
-  where the strokes are, which is most of what separates digits at 16x16.
-- 8x8 patches (4 tokens), dim 128, depth 6, d 16, 1200 steps (3x the img/s):
-  mean-pooled kNN 0.904, flattened 0.933, linear probe (flattened) 0.955; with d 4
-  the same run gives 0.840 / 0.870 / 0.903. Lower `feature_logsnr` (4, 0, -2) moved
-  kNN by at most 0.7 points.
-The flattened features beat raw pixels under the linear probe but not under kNN.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from diffrep.config import LdaeConfig
+from diffrep.config import ConfigError, LdaeConfig
 from diffrep.data.views import augment
+from diffrep.diffusion import LinearSigma, logsnr_of_sigma, ve_weighted
 from diffrep.models.artifact import register
 from diffrep.models.pca import PatchPCA
 from diffrep.nn.vit import ViT, patchify
@@ -56,10 +48,11 @@ class Ldae(nn.Module):
             raise ValueError(f"l-DAE expects square images, got {H}x{W}")
         D = C * v.patch_size**2
         if not 1 <= cfg.pca_dim <= D:
-            raise ValueError(f"ldae.pca_dim={cfg.pca_dim} must be in [1, {D}] (= channels * patch_size^2 = {C}*{v.patch_size}^2)")
+            raise ConfigError(f"ldae.pca_dim={cfg.pca_dim} must be in [1, {D}] (= channels * patch_size^2 = {C}*{v.patch_size}^2)")
         if v.dim % v.heads:
-            raise ValueError(f"ldae.vit.heads={v.heads} must divide ldae.vit.dim={v.dim}")
+            raise ConfigError(f"ldae.vit.heads={v.heads} must divide ldae.vit.dim={v.dim}")
         self.cfg, self.image_shape, self.d = cfg, (C, H, W), cfg.pca_dim
+        self.schedule = LinearSigma(cfg.sigma_max)
         self.tokenizer = PatchPCA(C, v.patch_size)
         self.net = ViT(C, H, patch_size=v.patch_size, dim=v.dim, depth=v.depth, heads=v.heads, mlp_ratio=v.mlp_ratio)
         w = torch.full((D,), float(cfg.rest_weight))
@@ -80,24 +73,19 @@ class Ldae(nn.Module):
         noise = patchify(eps, self.tokenizer.patch_size)[..., : self.d]  # (B, N, d), iid N(0, 1)
         return self.tokenizer.decode(z + sigma.reshape(-1, 1, 1).to(x.dtype) * noise, self.image_shape)
 
-    @staticmethod
-    def logsnr(sigma: torch.Tensor) -> torch.Tensor:
-        """No input scaling (gamma = 1): SNR = 1 / sigma^2, so log-SNR = -2 log sigma (+inf at sigma = 0)."""
-        return -2.0 * torch.log(sigma)
-
     def residual_loss(self, pred: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample loss (B,): weighted squared residual in orthonormal PCA coordinates, times 1/(1+sigma^2)."""
         c = self.tokenizer.coords(pred.float() - x.float(), centre=False)  # (B, N, D)
-        return (c.square() * self.loss_weights).mean(dim=(1, 2)) / (1.0 + sigma.float().square())
+        return ve_weighted((c.square() * self.loss_weights).mean(dim=(1, 2)), sigma)
 
     # ------------------------------------------------------------ training
     def forward(self, batch: dict[str, torch.Tensor], rng):
         x = batch["images"]  # (B, C, H, W) in [-1, 1]
         if self.cfg.augment is not None:
             x = augment(x, self.cfg.augment, rng)
-        sigma = self.cfg.sigma_max * rng.rand().to(x.device)  # (B,)
+        sigma = self.schedule.sigma(rng.rand().to(x.device))  # (B,)
         x_in = self.noisy_input(x, sigma, rng.randn(*x.shape[1:]).to(x.device))
-        pred = self.net(x_in, self.logsnr(sigma))
+        pred = self.net(x_in, logsnr_of_sigma(sigma))
         loss = self.residual_loss(pred, x, sigma).mean()
         return loss, {"mse": (pred.float() - x.float()).square().mean().detach()}
 
@@ -123,7 +111,7 @@ class Ldae(nn.Module):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One-step denoising: clean x, sigma (B,), eps like x -> (network input, predicted clean image)."""
         x_in = self.noisy_input(x, sigma, eps)
-        return x_in, self.net(x_in, self.logsnr(sigma))
+        return x_in, self.net(x_in, logsnr_of_sigma(sigma))
 
 
 @register("ldae")

@@ -13,7 +13,7 @@ import torch.nn as nn
 from diffrep.config import SodaConfig
 from diffrep.data.views import augment, pick_two_views
 from diffrep.models.artifact import register
-from diffrep.diffusion import ddim_sample, guided_batched, make_schedule, tile_batch, training_losses
+from diffrep.diffusion import ddim_sample, guided_batched, schedule_of, tile_batch, training_losses
 from diffrep.nn import ResNetEncoder, UNet
 
 
@@ -24,14 +24,10 @@ class Soda(nn.Module):
         if H != W:
             raise ValueError(f"SODA expects square images, got {H}x{W}")
         self.cfg, self.image_shape, self.pose_dim = cfg, tuple(image_shape), pose_dim
-        e, u, d = cfg.encoder, cfg.unet, cfg.diffusion
-        self.encoder = ResNetEncoder(C, H, width=e.width, depth=e.depth, stages=e.stages, out_dim=cfg.z_dim, output="vector")
-        self.decoder = UNet(
-            C, C, H, channels=u.channels, channel_mult=u.channel_mult, num_res_blocks=u.num_res_blocks,
-            attn_resolutions=u.attn_resolutions, groups=u.groups, heads=u.heads, z_dim=cfg.z_dim, pose_dim=pose_dim,
-        )
-        self.n_groups = len(u.channel_mult)  # one z sub-vector per resolution level
-        self.schedule = make_schedule(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, shift=d.shift)
+        self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, out_dim=cfg.z_dim, output="vector")
+        self.decoder = UNet.from_config(cfg.unet, C, C, H, z_dim=cfg.z_dim, pose_dim=pose_dim)
+        self.n_groups = len(cfg.unet.channel_mult)  # one z sub-vector per resolution level
+        self.schedule = schedule_of(cfg.diffusion)
 
     # ------------------------------------------------------------ training
     def views(self, batch: dict[str, torch.Tensor], rng):

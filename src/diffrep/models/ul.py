@@ -51,17 +51,11 @@ import math
 import torch
 import torch.nn as nn
 
-from diffrep.config import UlStage1Config, UlStage2Config
-from diffrep.diffusion import (NATS_PER_BIT, Schedule, add_noise, alpha_sigma, ddim_sample, make_schedule,
-                               prior_kl_terminal, t_for_logsnr, training_losses)
+from diffrep.config import ConfigError, UlStage1Config, UlStage2Config
+from diffrep.diffusion import (NATS_PER_BIT, Schedule, add_noise, ddim_sample, make_schedule, prior_kl_terminal,
+                               schedule_of, t_for_logsnr, training_losses)
 from diffrep.models.artifact import register
 from diffrep.nn import ResNetEncoder, UNet
-
-
-def _unet(cfg, channels: int, size: int, **kw) -> UNet:
-    return UNet(channels, channels, size, channels=cfg.channels, channel_mult=cfg.channel_mult,
-                num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions, groups=cfg.groups,
-                heads=cfg.heads, **kw)
 
 
 def prior_nats(denoise_fn, z_clean: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: Schedule,
@@ -86,20 +80,19 @@ class UnifiedLatents(nn.Module):
         if H != W:
             raise ValueError(f"Unified Latents expects square images, got {H}x{W}")
         if not cfg.logsnr_z1 < cfg.logsnr_z0:
-            raise ValueError(f"ul.stage1: logsnr_z1 ({cfg.logsnr_z1}) must be below logsnr_z0 ({cfg.logsnr_z0})")
+            raise ConfigError(f"ul.stage1: logsnr_z1 ({cfg.logsnr_z1}) must be below logsnr_z0 ({cfg.logsnr_z0})")
         d = cfg.decoder_diffusion
         if d.weighting not in ("sigmoid", "elbo"):
-            raise ValueError(f"ul.stage1.decoder_diffusion.weighting must be 'sigmoid' (or 'elbo'), got {d.weighting!r}: "
+            raise ConfigError(f"ul.stage1.decoder_diffusion.weighting must be 'sigmoid' (or 'elbo'), got {d.weighting!r}: "
                              "the loss factor only means something when the decoder loss is a sum in nats")
         self.cfg, self.image_shape = cfg, tuple(image_shape)
-        e = cfg.encoder
-        self.encoder = ResNetEncoder(C, H, width=e.width, depth=e.depth, stages=e.stages, output="grid",
-                                     grid_channels=cfg.latent_channels)
+        self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, output="grid", grid_channels=cfg.latent_channels)
         self.latent_shape = self.encoder.output_shape  # (C_z, s, s)
-        self.prior = _unet(cfg.prior, cfg.latent_channels, self.latent_shape[-1])
-        self.decoder = _unet(cfg.decoder, C, H, cond_channels=cfg.latent_channels)
+        c_z, s = cfg.latent_channels, self.latent_shape[-1]
+        self.prior = UNet.from_config(cfg.prior, c_z, c_z, s)
+        self.decoder = UNet.from_config(cfg.decoder, C, C, H, cond_channels=c_z)
         self.prior_schedule = make_schedule("linear_logsnr", logsnr_min=cfg.logsnr_z1, logsnr_max=cfg.logsnr_z0)
-        self.schedule = make_schedule(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, shift=d.shift)
+        self.schedule = schedule_of(d)
         self.pixels = H * W  # bits per pixel divide by this
         self.dims = C * H * W  # the optimiser's loss is per pixel dimension
 
@@ -188,11 +181,11 @@ class UlBase(nn.Module):
         super().__init__()
         d = cfg.diffusion
         if d.logsnr_max < logsnr_z0 or d.logsnr_min >= logsnr_z0:
-            raise ValueError(f"ul.stage2.diffusion: the schedule [{d.logsnr_min}, {d.logsnr_max}] must contain "
+            raise ConfigError(f"ul.stage2.diffusion: the schedule [{d.logsnr_min}, {d.logsnr_max}] must contain "
                              f"stage 1's latent noise level logsnr_z0={logsnr_z0} (sampling stops there)")
         self.cfg, self.latent_shape, self.logsnr_z0 = cfg, tuple(latent_shape), float(logsnr_z0)
-        self.net = _unet(cfg.base, latent_shape[0], latent_shape[-1])
-        self.schedule = make_schedule(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max, shift=d.shift)
+        self.net = UNet.from_config(cfg.base, latent_shape[0], latent_shape[0], latent_shape[-1])
+        self.schedule = schedule_of(d)
         # the time where the schedule reaches logsnr_z0: sampling returns z there, not a denoised latent
         self.t_end = float(t_for_logsnr(self.schedule, torch.tensor(self.logsnr_z0, dtype=torch.float64)))
 
@@ -227,12 +220,6 @@ def generate(stage1: UnifiedLatents, base: UlBase, n: int, *, seed: int = 0, bas
     g = torch.Generator().manual_seed(seed)
     z0 = base.sample_z0(n, steps=base_steps, generator=g, device=device)
     return stage1.decode(z0, steps=decoder_steps, generator=g)
-
-
-def latent_noise_level(logsnr_z0: float) -> tuple[float, float]:
-    """(alpha0, sigma0) of the fixed latent noise: sqrt(sigmoid(+-logsnr_z0))."""
-    a, s = alpha_sigma(torch.tensor(float(logsnr_z0), dtype=torch.float64))
-    return float(a), float(s)
 
 
 @register("ul_stage1")

@@ -16,20 +16,8 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from diffrep.nn.unet import check_groups
-
-
-class PreActBlock(nn.Module):
-    def __init__(self, ch: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
+from diffrep.nn.layers import check_groups, preact_body
 
 
 class ResNetEncoder(nn.Module):
@@ -51,13 +39,7 @@ class ResNetEncoder(nn.Module):
             check_groups(w, groups, "ResNetEncoder")
         self.in_channels, self.image_size, self.output = in_channels, image_size, output
         self.grid_size = image_size // 2 ** (stages - 1)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1)]
-        for s, w in enumerate(widths):
-            if s > 0:
-                layers.append(nn.Conv2d(widths[s - 1], w, 3, stride=2, padding=1))
-            layers += [PreActBlock(w, groups) for _ in range(depth)]
-        layers += [nn.GroupNorm(groups, widths[-1]), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+        self.body = preact_body(in_channels, widths, depth, groups)
         if output == "vector":
             self.head: nn.Module = nn.Linear(widths[-1] * self.grid_size ** 2, out_dim)
             self._out_shape: tuple[int, ...] = (out_dim,)

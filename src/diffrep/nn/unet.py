@@ -29,24 +29,13 @@ import torch.nn.functional as F
 
 from diffrep.nn.attention import SelfAttention2d
 from diffrep.nn.embeddings import LogSNREmbedding, VectorEmbedding
-
-
-def check_groups(channels: int, groups: int, where: str) -> None:
-    if groups < 1 or channels % groups:
-        raise ValueError(f"{where}: GroupNorm groups={groups} must divide the channel count {channels}; "
-                         f"pick groups that divide every width (channels * each channel_mult)")
+from diffrep.nn.layers import check_groups, zero_
 
 
 def split_sizes(total: int, n: int) -> list[int]:
     """`total` split into `n` parts as evenly as possible, larger parts first: (10, 3) -> [4, 3, 3]."""
     base, extra = divmod(total, n)
     return [base + (i < extra) for i in range(n)]
-
-
-def zero_(layer: nn.Module) -> nn.Module:
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class ResBlock(nn.Module):
@@ -151,10 +140,6 @@ class UNet(nn.Module):
     def from_config(cls, cfg, in_channels: int, out_channels: int, image_size: int, **kw) -> "UNet":
         """Build from a `diffrep.config.UNetConfig`; `kw` adds z_dim / pose_dim / cond_channels."""
         return cls(in_channels, out_channels, image_size, **cfg.model_dump(), **kw)
-
-    @property
-    def num_z_groups(self) -> int:
-        return len(self.z_sizes)
 
     def _latent_groups(self, z, z_keep, B):
         """Per level: (z sub-vector (B, size), keep (B,) or None), or (None, None) without z."""

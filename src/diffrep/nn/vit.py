@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from diffrep.nn.attention import MultiHeadSelfAttention
 from diffrep.nn.embeddings import LogSNREmbedding
+from diffrep.nn.layers import zero_
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -46,12 +47,6 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()  # (h*w, dim)
 
 
-def _zero(layer: nn.Linear) -> nn.Linear:
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -60,7 +55,7 @@ class DiTBlock(nn.Module):
         self.attn = MultiHeadSelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada = _zero(nn.Linear(dim, 6 * dim))  # adaLN-Zero: shift, scale, gate for attn and mlp
+        self.ada = zero_(nn.Linear(dim, 6 * dim))  # adaLN-Zero: shift, scale, gate for attn and mlp
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x (B, N, dim), c (B, dim) = silu(temb)
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)  # each (B, 1, dim)
@@ -98,9 +93,9 @@ class ViT(nn.Module):
             if isinstance(lin, nn.Linear):
                 nn.init.normal_(lin.weight, std=0.02)
         for b in self.blocks:
-            _zero(b.ada)
-        _zero(self.ada_out)
-        _zero(self.out)
+            zero_(b.ada)
+        zero_(self.ada_out)
+        zero_(self.out)
 
     def _tokens(self, x: torch.Tensor, logsnr: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):

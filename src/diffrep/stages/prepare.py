@@ -25,7 +25,7 @@ from diffrep.data.prepared import write_prepared
 from diffrep.data.sources import load_source, source_folder
 from diffrep.data.split import split_dataset
 from diffrep.data.types import RawDataset
-from diffrep.data.validate import format_failures, validate_dataset
+from diffrep.data.validate import DataValidationError, format_failures, validate_dataset
 from diffrep.io import atomic_dir, path_hash, write_json
 from diffrep.lineage import lineage_block, now_utc
 
@@ -80,7 +80,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
     report = validate_dataset(raw, split, cfg.data)
     t_validate = time.perf_counter()
     if not report.success:
-        raise ValueError(format_failures(report))  # nothing has been written
+        raise DataValidationError(format_failures(report))  # nothing has been written
 
     info = source_info(cfg.data, raw, root)
     with atomic_dir(root / PREPARED) as tmp:

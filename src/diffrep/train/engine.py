@@ -11,8 +11,6 @@ Model protocol
       loss   scalar tensor, the mean over this rank's rows (DDP averages the
              gradients over ranks, giving the gradient of the global mean);
       terms  dict[str, scalar tensor] to log; same keys every step.
-    Optional `transform(batch, rng) -> batch` runs first, under no_grad
-    (tensor-side augmentation shared by several models).
 
 Determinism
     Data order is a permutation per epoch seeded by (seed, epoch) and noise a
@@ -127,11 +125,10 @@ class Trainer:
     def __init__(self, model: nn.Module, train_cfg: TrainConfig, runtime: Runtime, data: dict[str, torch.Tensor], *,
                  seed: int, ckpt_dir: Path, fingerprint: str, run_name: str = "train", log_dir: Path | None = None,
                  loss_curve_path: Path | None = None, sample_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-                 transform: Callable[[dict, BatchRNG], dict] | None = None, progress: bool = True,
-                 stop_after: int | None = None, find_unused_parameters: bool = False):
+                 progress: bool = True):
         self.cfg, self.rt, self.seed, self.fingerprint = train_cfg, runtime, int(seed), fingerprint
-        self.run_name, self.sample_fn, self.transform, self.progress = run_name, sample_fn, transform, progress
-        self.log_dir, self.stop_after, self.writer, self.pbar = log_dir, stop_after, None, None
+        self.run_name, self.sample_fn, self.progress = run_name, sample_fn, progress
+        self.log_dir, self.writer, self.pbar = log_dir, None, None
         self.loss_curve_path = Path(loss_curve_path) if loss_curve_path else None
         self.ckpt_path = Path(ckpt_dir) / CKPT_NAME
         self.dist = dist_info()
@@ -151,8 +148,7 @@ class Trainer:
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         net: nn.Module = model
         if self.dist.world_size > 1:  # DDP broadcasts rank 0's weights; the EMA starts from them too
-            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                          find_unused_parameters=find_unused_parameters)
+            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.ema.load_state_dict(model.state_dict())
         self.net = torch.compile(net) if runtime.compile else net  # self.model stays the one we save
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -183,9 +179,6 @@ class Trainer:
             batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
                      for k, v in batch.items()}
         rng = BatchRNG(self.seed, step, self.cfg.batch_size, self.dist.rank * self.local_batch, self.local_batch, dev)
-        if self.transform is not None:
-            with torch.no_grad():
-                batch = self.transform(batch, rng)
         return batch, rng
 
     def _grad_norm(self) -> torch.Tensor:
@@ -346,8 +339,6 @@ class Trainer:
                     self._save(step)
                 if main and self.cfg.sample_every and step % self.cfg.sample_every == 0:
                     self._sample(step)
-                if self.stop_after is not None and step - start >= self.stop_after:
-                    return self._result(step, t0, False, resumed)  # test hook: as if killed here
                 if any_over and step < self.cfg.steps:
                     stopped = True
                     break
