@@ -55,6 +55,17 @@ def _sweep(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """An OSError while writing (disk full, a short write, permissions) -> ArtifactError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        raise ArtifactError(f"{path}: could not be written ({type(e).__name__}: {e}); nothing was replaced "
+                            "(the previous version, if any, is intact): free disk space or fix the permissions "
+                            "and re-run") from e
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` on success.
 
@@ -68,7 +79,8 @@ def atomic_path(path: str | os.PathLike, keep_previous: str | os.PathLike | None
     tmp = Path(tmp)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are shared through git/DVC
     try:
-        yield tmp
+        with _write_errors(path):
+            yield tmp
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
@@ -90,7 +102,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     old = None
     try:
-        yield tmp
+        with _write_errors(path):
+            yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.{os.getpid()}.old.tmp")
             if old.exists():
