@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test bench exps clean-cache help
+.PHONY: setup pipeline test faults bench exps clean-cache help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,8 +32,11 @@ setup: $(STAMP)  ## create .venv and install diffrep with the dev extra
 pipeline: setup  ## run the whole DVC pipeline on the embedded default data
 	$(BIN)/dvc repro
 
-test: setup  ## run the test suite
-	$(BIN)/python -m pytest -q
+test: setup  ## run the test suite (all but the slow fault-injection cases: `make faults`)
+	$(BIN)/python -m pytest -q -m "not (slow and faults)"
+
+faults: setup  ## the slow fault-injection cases (signals, a real full disk, Prefect retries; ~2 min)
+	$(BIN)/python -m pytest -q -m slow tests/test_faults.py
 
 bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -147,11 +147,15 @@ def test_checkpoint_from_another_fingerprint_is_refused(tmp_path):
     assert "Delete the folder" in msg
 
 
-def test_corrupt_checkpoint_is_an_artifact_error(tmp_path):
+def test_corrupt_checkpoint_is_refused_and_training_starts_fresh(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ArtifactError, match="last.pt"):
-        run(tmp_path, cfg(steps=5))
+    res = run(tmp_path, cfg(steps=5))
+    assert res.resumed_from_step is None and res.steps_done == 5
+    assert len(res.refused_checkpoints) == 1 and "last.pt: unreadable" in res.refused_checkpoints[0]
+    err = capsys.readouterr().err
+    assert "refused checkpoint" in err and "training from step 0 of 5" in err
+    assert (tmp_path / "ckpt" / "last.pt.refused").read_bytes() == b"not a checkpoint"
 
 
 def test_nan_guard_names_step_and_terms_and_keeps_last_checkpoint(tmp_path):

@@ -11,7 +11,8 @@ until stages that read only source data or code.
 
 Exit 0: every link intact; 1: something changed or is missing (named at the
 end); 2: usage error (no such file, not a metrics file, not a DVC project,
-dvc itself failing).
+dvc itself failing, a recorded path outside the root: the audit never reads
+outside the project root, whatever a metrics file says).
 """
 from __future__ import annotations
 
@@ -94,11 +95,20 @@ class Project:
         lock = _read_yaml(root / "dvc.lock")
         return cls(root, dvc_yaml.get("stages") or {}, None if lock is None else lock.get("stages") or {})
 
-    def hash(self, rel: str) -> str | None:
+    def inside(self, rel: str, who: str) -> Path:
+        """root / rel, refused (AuditError) when it is absolute or resolves outside the root (`..`, a symlink)."""
+        p = self.root / rel
+        if Path(rel).is_absolute() or not p.resolve().is_relative_to(self.root.resolve()):
+            raise AuditError(f"{who} {rel!r}, which lies outside the project root {self.root}; the audit reads "
+                             "only files inside the root: regenerate that metrics file with its stage")
+        return p
+
+    def hash(self, rel: str, who: str = "a lineage block records") -> str | None:
         """sha256 now, cached: an upstream output is also a downstream input."""
         if rel not in self._hashes:
+            path = self.inside(rel, who)
             try:
-                self._hashes[rel] = path_hash(self.root / rel)
+                self._hashes[rel] = path_hash(path)
             except ArtifactError:
                 self._hashes[rel] = None
         return self._hashes[rel]
@@ -187,8 +197,9 @@ def check_stage(proj: Project, stage: str, metrics_rel: str | None, key: str | N
     link = Link(stage, metrics_rel)
     metrics = None
     if metrics_rel is not None:
+        where = proj.inside(metrics_rel, f"stage {stage!r} has its metrics file at")  # outside: refused, not a finding
         try:
-            metrics = load_metrics(proj.root / metrics_rel)
+            metrics = load_metrics(where)
         except AuditError as e:
             link.problems.append(f"metrics file {metrics_rel} MISSING" if not (proj.root / metrics_rel).exists() else str(e))
     if metrics is not None:
@@ -197,7 +208,7 @@ def check_stage(proj: Project, stage: str, metrics_rel: str | None, key: str | N
             link.problems.append(f"{metrics_rel} says it was written by stage {lin.get('stage')!r}, not {stage!r}")
         for role, group in (("in", "inputs"), ("out", "outputs")):
             for rel, recorded in (lin.get(group) or {}).items():
-                a = Artifact(rel, role, recorded, proj.hash(rel))
+                a = Artifact(rel, role, recorded, proj.hash(rel, f"{metrics_rel} records {role}put"))
                 link.artifacts.append(a)
                 if a.status == "MISSING":
                     link.problems.append(f"{role}put {rel} MISSING (recorded {recorded[:12]})")

@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .nan` or `time_budget_s: .inf` is an error naming the key, not a silent NaN run
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data
@@ -269,7 +270,7 @@ class PipelineConfig(Section):
 
 # ---------------------------------------------------------------- root
 class Config(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators refuse negative seeds
     data: DataConfig = DataConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     soda: SodaConfig = SodaConfig()
@@ -286,6 +287,39 @@ class Config(Section):
         if out is _MISSING:
             raise ConfigError(f"params: no section {dotted!r} in the schema (see diffrep/config.py)")
         return out
+
+
+def image_size_problems(cfg: Config, stage: str) -> list[str]:
+    """Why data.image_size cannot pass through the networks `stage` builds (every halving must be exact); [] if it can.
+
+    Checked when the stage starts (stages/runner.py), before anything is trained or written.
+    """
+    s = cfg.data.image_size
+    out = []
+
+    def halves(key: str, value: Any, size: int, times: int, what: str) -> None:
+        if size % 2**times:
+            out.append(f"{key}={value} halves the {what} {times} time(s), so it must be a multiple of {2**times}; "
+                       "change data.image_size or that key")
+
+    if stage == "soda":
+        halves("soda.encoder.stages", cfg.soda.encoder.stages, s, cfg.soda.encoder.stages - 1, f"data.image_size={s}")
+        mult = cfg.soda.unet.channel_mult
+        halves("soda.unet.channel_mult", mult, s, len(mult) - 1, f"data.image_size={s}")
+    if stage in ("ul_stage1", "ul_stage2"):
+        u1 = cfg.ul.stage1
+        halves("ul.stage1.encoder.stages", u1.encoder.stages, s, u1.encoder.stages - 1, f"data.image_size={s}")
+        latent = s // 2 ** (u1.encoder.stages - 1)
+        grid = f"{latent}x{latent} latent grid (data.image_size={s} / 2**(ul.stage1.encoder.stages-1))"
+        nets = [("ul.stage1.decoder", u1.decoder, s, f"data.image_size={s}"), ("ul.stage1.prior", u1.prior, latent, grid)]
+        if stage == "ul_stage2":
+            nets.append(("ul.stage2.base", cfg.ul.stage2.base, latent, grid))
+        for key, net, size, what in nets:
+            if not out:  # a latent size from an uneven encoder is meaningless
+                halves(f"{key}.channel_mult", net.channel_mult, size, len(net.channel_mult) - 1, what)
+    if stage == "ldae" and s % cfg.ldae.vit.patch_size:
+        out.append(f"ldae.vit.patch_size={cfg.ldae.vit.patch_size} must divide data.image_size={s}")
+    return out
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -8,20 +8,28 @@ resize to S x S with antialiased bilinear interpolation, batched in torch.
 Bilinear weights are non-negative, so values stay in [0, 1] and NaN/Inf stay
 visible to validation instead of being clipped away.
 
-Image folders: `data.path/<class>/**/*.{png,jpg,jpeg}` (any case), classes are
-the sorted sub-folder names. Greyscale modes (1, L, LA, I, I;16) give one
+Image folders: `data.path/<class>/**/*.{png,jpg,jpeg,gif,tif,tiff}` (any case),
+classes are the sorted sub-folder names. Greyscale modes (1, L, LA, I, I;16) give one
 channel; everything else (RGB, RGBA, CMYK, palette P/PA) gives RGB. The
 dataset has 1 channel only if every image is greyscale, else greyscale images
 are repeated to 3 channels. Alpha is composited on black (transparent pixels
-read 0, as in MNIST-style digits). EXIF orientation is applied. Hidden files
-(".DS_Store") are skipped; every other file in a class folder that is not a
-readable PNG/JPEG is recorded in `RawDataset.unreadable` so that validation
-names it, and a class folder without images in `RawDataset.empty_classes`.
+read 0, as in MNIST-style digits). EXIF orientation is applied; 16-bit PNGs
+keep their 16 bits until the [0, 1] floats. Hidden files (".DS_Store") are
+skipped; every other file that cannot be used is recorded in
+`RawDataset.unreadable` with the reason, so that validation names it:
+non-image files, undecodable or truncated images, decompression bombs (over
+PIL's Image.MAX_IMAGE_PIXELS), animated or multi-page images (an APNG, GIF
+or TIFF with several frames: which frame is meant is not ours to guess; the
+extra pictures of a camera's MPO JPEG are the exception, the main one is
+read), symlink loops, dangling symlinks, symlinks pointing outside data.path
+and symlinks to folders (never followed). A class folder without images is
+recorded in `RawDataset.empty_classes`.
 """
 from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -32,7 +40,7 @@ import torch.nn.functional as F
 from diffrep.config import DataConfig
 from diffrep.data.types import RawDataset
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff")
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
 _CHUNK = 256  # images decoded before one batched resize: bounds memory for large photos
 
@@ -194,34 +202,92 @@ def _channels(decoded_channels: Iterable[int]) -> int:
 
 
 # ---------------------------------------------------------------- image folder
-def load_imagefolder(path: Path, size: int) -> RawDataset:
+class _Refused(Exception):
+    """A file that decodes but is not used (the message says why)."""
+
+
+def link_problem(p: Path, top: Path) -> str | None:
+    """Why the symlink `p` is not read (loop, dangling, outside `top`, a folder); None for a file inside `top`."""
+    try:
+        target = p.resolve(strict=True)
+    except (OSError, RuntimeError):  # ELOOP / "Symlink loop" (3.11) / a missing target
+        return f"symlink loop or dangling symlink (-> {os.readlink(p)}): remove it"
+    if not target.is_relative_to(top):
+        return (f"symlink pointing outside data.path (-> {target}): copy the file into {top} "
+                "or point data.path at the folder that holds it")
+    if target.is_dir():
+        return f"symlink to a folder (-> {target}): folder links are not followed; move the images here instead"
+    return None
+
+
+def _class_files(cdir: Path, top: Path, unreadable: list[tuple[str, str]], root: Path) -> list[Path]:
+    """The non-hidden files under a class folder, sorted; refused symlinks go to `unreadable`."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(cdir, followlinks=False):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not (d / n).is_symlink())
+        for name in sorted(set(os.listdir(d)) - set(dirnames)):
+            f = d / name
+            if name.startswith("."):
+                continue
+            problem = link_problem(f, top) if f.is_symlink() else None
+            if problem:
+                unreadable.append((f.relative_to(root).as_posix(), problem))
+            elif f.is_file():
+                files.append(f)
+    return sorted(files)
+
+
+def _decode(f: Path) -> np.ndarray:
+    """One image file -> pil_to_array; raises _Refused or PIL's own errors."""
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit is refused, not warned
+        try:
+            img = Image.open(f)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _Refused(f"decompression bomb refused ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                           f"(now {Image.MAX_IMAGE_PIXELS}) only if you trust the file") from None
+    with img:
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1 and img.format != "MPO":
+            raise _Refused(f"{img.format} with {frames} frames (animated or multi-page): save the frame "
+                           "you want as a single image")
+        img.load()  # decodes now: a truncated file raises here, not later
+        return pil_to_array(img)
+
+
+def load_imagefolder(path: Path, size: int) -> RawDataset:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"data.path {str(path)!r}: image folder not found (expected one sub-folder per class)")
-    class_dirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise SourceError(f"data.path {str(path)!r}: no class sub-folders (expected {path}/<class name>/<image>.png)")
-
+    top = path.resolve()
     resizer = _Resizer(size)
     labels, ids, channels, unreadable, empty = [], [], [], [], []
+    class_dirs = []
+    for p in sorted(path.iterdir()):
+        problem = link_problem(p, top) if p.is_symlink() else None
+        if problem:
+            unreadable.append((p.name, problem))
+        elif p.is_dir() and not p.name.startswith("."):
+            class_dirs.append(p)
+    if not class_dirs and not unreadable:
+        raise SourceError(f"data.path {str(path)!r}: no class sub-folders (expected {path}/<class name>/<image>.png)")
+
     for label, cdir in enumerate(class_dirs):
-        files = sorted(
-            p for p in cdir.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
         n_images = 0
-        for f in files:
+        for f in _class_files(cdir, top, unreadable, path):
             rel = f.relative_to(path).as_posix()
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 unreadable.append((rel, f"not an image file; only {', '.join(IMAGE_SUFFIXES)} are read: remove it"))
                 continue
             n_images += 1
             try:
-                with Image.open(f) as img:
-                    img.load()  # decodes now: a truncated file raises here, not later
-                    arr = pil_to_array(img)
+                arr = _decode(f)
+            except _Refused as e:
+                unreadable.append((rel, str(e)))
+                continue
             except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
                 unreadable.append((rel, f"cannot decode image: {type(e).__name__}: {e}"))
                 continue

@@ -5,6 +5,9 @@ module (its kind, its config section, the image shape and small extras such
 as the pose size) as plain tensors and containers, so it loads with
 `torch.load(weights_only=True)`. `config.json` is the whole resolved
 params of the run that made it (EDM's habit): a reader never has to guess.
+`model.pt` also carries a content hash of its tensors and fields, checked by
+every load: a stage never computes with a model that changed after it was
+written (a flipped byte is refused naming the file).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def save_model(out_dir: Path, module: nn.Module, *, kind: str, section: dict, im
         "extra": json.dumps(extra or {}, sort_keys=True),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
     }
-    save_torch(out_dir / FILE, payload)
+    save_torch(out_dir / FILE, payload, digest=True)
     if full_config is not None:
         write_json(out_dir / "config.json", full_config)
     return out_dir / FILE
@@ -60,7 +63,7 @@ def load_model(path: str | Path, kind: str, init_seed: int | None = None) -> nn.
     """
     path = Path(path)
     file = path / FILE if path.is_dir() else path
-    payload = load_torch(file)
+    payload = load_torch(file, verify=True)
     try:
         got = payload["kind"]
         section, extra = json.loads(payload["section"]), json.loads(payload["extra"])

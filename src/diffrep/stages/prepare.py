@@ -28,6 +28,7 @@ from diffrep.data.types import RawDataset
 from diffrep.data.validate import DataValidationError, format_failures, validate_dataset
 from diffrep.io import atomic_dir, path_hash, write_json
 from diffrep.lineage import lineage_block, now_utc
+from diffrep.stages.runner import guarded
 
 RAW = Path("data/raw")  # a dependency of `prepare` in dvc.yaml: DVC sees the files of sources kept here
 PREPARED = Path("data/prepared")
@@ -64,6 +65,7 @@ def _balance(counts: list[int]) -> float | None:
     return round(max(counts) / min(counts), 4) if counts and min(counts) > 0 else None
 
 
+@guarded("prepare")  # one prepare per repository at a time; SIGTERM/SIGINT exit cleanly
 def run(cfg: Config, root: Path) -> dict[str, Any]:
     root = Path(root)
     started, t0 = now_utc(), time.perf_counter()

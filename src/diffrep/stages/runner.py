@@ -10,19 +10,33 @@ outside the stage outputs (DVC deletes those before re-running a stage) and
 keyed by a hash of the stage's params and inputs, so a changed param starts
 fresh instead of resuming someone else's run. TensorBoard logs go to
 `runs/<stage>/`, the loss curve to `metrics/<stage>_loss.tsv` (dvc plots).
+A resumed (or refused) checkpoint is recorded under `lineage.resume`.
+
+One run per stage and repository at a time: `stage()` (and `@guarded` for
+stages that do not use it) holds `.cache/locks/<stage>.lock`, an flock that
+names its holder (pid, host, start); a second run refuses, naming it. The OS
+drops the lock of a process that died, so a stale lock file is taken over.
+SIGTERM/SIGINT end the stage cleanly with 128 + signum (diffrep/interrupt.py).
 """
 from __future__ import annotations
 
+import fcntl
+import functools
+import json
+import os
+import platform
 import shutil
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from diffrep.config import Config, TrainConfig, to_dict
+from diffrep.config import Config, TrainConfig, image_size_problems, to_dict
+from diffrep.interrupt import exit_on_signals
 from diffrep.io import json_hash, path_hash, write_json
 from diffrep.lineage import lineage_block, now_utc
 from diffrep.runtime import Runtime, resolve_runtime
@@ -38,6 +52,7 @@ class StageContext:
     dist: DistInfo
     started: str
     t0: float
+    resume: dict[str, Any] | None = None  # set by train(): what happened to the resume checkpoints
 
     @property
     def is_main(self) -> bool:
@@ -50,14 +65,68 @@ class StageContext:
         return time.perf_counter() - self.t0
 
 
+class StageLocked(RuntimeError):
+    """Another run of the same stage holds its lock in this repository."""
+
+
+@contextmanager
+def stage_lock(root: Path, name: str) -> Iterator[Path]:
+    """Hold `.cache/locks/<name>.lock` (flock, released by the OS if we die); refuse if someone else holds it."""
+    path = Path(root) / ".cache" / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "(holder not recorded yet)"
+            raise StageLocked(f"stage {name!r} is already running in {Path(root).resolve()}: {path} is held by "
+                              f"{holder}; wait for that run to finish (two writers would corrupt each other's "
+                              "outputs)") from None
+        stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if stale:  # the previous holder died without releasing (its flock went with it)
+            print(f"[{name}] taking over the lock {path} left by a run that is no longer running: {stale}",
+                  file=sys.stderr, flush=True)
+        me = json.dumps({"pid": os.getpid(), "host": platform.node(), "started": now_utc(), "argv": sys.argv[:4]})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: an empty lock file is a free lock
+    finally:
+        os.close(fd)
+
+
+def guarded(name: str) -> Callable:
+    """Decorator for a stage's run(cfg, root) that does not use stage(): the lock and clean signal exits."""
+
+    def deco(run: Callable) -> Callable:
+        @functools.wraps(run)
+        def wrapper(cfg: Config, root: Path, *args, **kwargs):
+            with stage_lock(Path(root), name), exit_on_signals():
+                return run(cfg, root, *args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
 @contextmanager
 def stage(name: str, cfg: Config, root: Path) -> Iterator[StageContext]:
-    """Set up the runtime (device, threads, DDP), seed, start the clock; tear DDP down however the stage ends."""
+    """Lock the stage, check the config fits its networks, set up the runtime (device, threads, DDP), seed,
+    start the clock; tear DDP down and release the lock however the stage ends."""
+    if problems := image_size_problems(cfg, name):
+        raise ValueError(f"stage {name}: " + "; ".join(problems))
     dist = setup_distributed(cfg.runtime.device)
     try:
-        runtime = resolve_runtime(cfg.runtime)
-        torch.manual_seed(cfg.seed)
-        yield StageContext(name, cfg, Path(root), runtime, dist, now_utc(), time.perf_counter())
+        with ExitStack() as guards:
+            if dist.is_main:  # one lock per run, not per DDP process
+                guards.enter_context(stage_lock(Path(root), name))
+            guards.enter_context(exit_on_signals())
+            runtime = resolve_runtime(cfg.runtime)
+            torch.manual_seed(cfg.seed)
+            yield StageContext(name, cfg, Path(root), runtime, dist, now_utc(), time.perf_counter())
     finally:
         teardown_distributed()
 
@@ -84,7 +153,17 @@ def train(ctx: StageContext, model: torch.nn.Module, train_cfg: TrainConfig, dat
         loss_curve_path=ctx.path(f"metrics/{ctx.name}_loss.tsv"), sample_fn=sample_fn, progress=progress,
     )
     result = trainer.fit()
+    ctx.resume = resume_record(ctx, result, train_cfg.steps)
     return result, ckpt_dir
+
+
+def resume_record(ctx: StageContext, result, steps: int) -> dict[str, Any]:
+    """For lineage.resume: the step and checkpoint a run resumed from (paths relative to the root), and refusals."""
+    start, root = result.resumed_from_step, str(ctx.root.resolve()) + os.sep
+    ckpt = str(Path(result.resumed_from).resolve()).removeprefix(root) if result.resumed_from else None
+    note = f"resumed from step {start} of {steps} (checkpoint {ckpt})" if ckpt else f"trained from step 0 of {steps}"
+    return {"resumed_from_step": start, "of_steps": steps, "checkpoint": ckpt, "note": note,
+            "refused": [r.replace(root, "") for r in result.refused_checkpoints]}
 
 
 def discard_checkpoints(ckpt_dir: Path) -> None:
@@ -99,6 +178,8 @@ def finish(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any]
     metrics["wall_s"] = round(ctx.elapsed(), 1)
     metrics["lineage"] = lineage_block(ctx.name, params, inputs, outputs, seed=ctx.cfg.seed,
                                        device=str(ctx.runtime.device), started=ctx.started, root=ctx.root)
+    if ctx.resume is not None:
+        metrics["lineage"]["resume"] = ctx.resume
     write_json(ctx.path(f"metrics/{ctx.name}.json"), metrics)
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(f"[{ctx.name}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()))

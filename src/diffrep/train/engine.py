@@ -19,6 +19,7 @@ Determinism
     model, EMA, optimizer, scheduler, torch RNG state (for dropout-like use of
     the global generator) and the log history; on CPU a kill + re-run ends
     with bit-identical weights to an uninterrupted run (tests/test_engine.py).
+    Damaged checkpoints are refused by name (checkpoint.py); SIGTERM/SIGINT checkpoint, then exit 128 + signum.
     Sampling for TensorBoard runs under a forked, fixed-seed RNG so it never
     perturbs training. (Exactness assumes the same torch build and threads.)
     DDP: only rank 0 writes (checkpoint, TSV, TensorBoard, progress bar).
@@ -42,9 +43,11 @@ import copy
 import json
 import logging
 import math
+import signal
+import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,9 +56,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from diffrep.config import TrainConfig
+from diffrep.interrupt import deferred_signals, exit_code
 from diffrep.io import write_text
 from diffrep.runtime import Runtime
-from diffrep.train.checkpoint import CKPT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffrep.train.checkpoint import CKPT_NAME, load_latest, rng_state, save_checkpoint, set_rng_state
 from diffrep.train.distributed import all_reduce_sum_, barrier, dist_info
 from diffrep.train.rng import BatchRNG, derive_seed
 
@@ -78,6 +82,8 @@ class TrainResult:
     wall_s: float  # this process's fit() time
     stopped_early: bool  # time budget reached before train.steps
     resumed_from_step: int | None
+    resumed_from: str | None = None  # the checkpoint file resumed from
+    refused_checkpoints: list[str] = field(default_factory=list)  # why each unusable checkpoint was refused
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -162,6 +168,8 @@ class Trainer:
         self.recent: deque[float] = deque(maxlen=50)
         self.window, self.last = [], []  # running sums; last step's [loss, *terms, grad_norm]
         self.window_n, self.images, self.train_s, self.ckpt_step, self._win_s = 0, 0, 0.0, 0, 0.0
+        # resume record; SIGTERM/SIGINT seen by this process during fit / by any rank (all-reduced each step)
+        self.resumed_from, self.refused, self._pending, self._interrupted = None, [], [], False
 
     # ------------------------------------------------------------------ data and one step
     def _indices(self, step: int) -> torch.Tensor:
@@ -210,9 +218,10 @@ class Trainer:
         dev = loss.device
         vec = torch.stack([loss.detach().float(), *(torch.as_tensor(t, device=dev).detach().float().reshape(())
                                                   for t in terms.values()),
-                           grad_norm.detach().float().to(dev), torch.tensor(float(over_budget), device=dev)])
+                           grad_norm.detach().float().to(dev), torch.tensor(float(over_budget), device=dev),
+                           torch.tensor(float(bool(self._pending)), device=dev)])
         vals = all_reduce_sum_(vec).tolist()  # one sync per step; every rank then takes the same decisions
-        stats, stop = [v / self.dist.world_size for v in vals[:-1]], vals[-1] > 0
+        stats, stop, self._interrupted = [v / self.dist.world_size for v in vals[:-2]], vals[-2] > 0, vals[-1] > 0
         if not all(math.isfinite(v) for v in stats):
             self.opt.zero_grad(set_to_none=True)
             shown = ", ".join(f"{k}={v:.6g}" for k, v in zip(["loss", *self.term_names, "grad_norm"], stats))
@@ -277,15 +286,19 @@ class Trainer:
         barrier()  # no rank runs ahead of a checkpoint it might need to resume from
         self.ckpt_step = step
 
+    def _say(self, text: str) -> None:  # console (rank 0) and log: what happened to the checkpoints
+        log.info("%s: %s", self.run_name, text)
+        if self.dist.is_main:
+            print(f"[{self.run_name}] {text}", file=sys.stderr, flush=True)
+
     def _resume(self) -> int | None:
-        if not self.ckpt_path.exists():
+        ck, path, self.refused = load_latest(self.ckpt_path.parent, self.fingerprint, self.n_items, self.cfg.batch_size)
+        for reason in self.refused:
+            self._say(f"refused checkpoint {reason}")
+        if ck is None and self.refused:
+            self._say(f"no usable checkpoint left: training from step 0 of {self.cfg.steps}")
+        if ck is None:
             return None
-        ck = load_checkpoint(self.ckpt_path, self.fingerprint)
-        order = ck["data_order"]
-        if (order["n_items"], order["batch_size"]) != (self.n_items, self.cfg.batch_size):
-            raise ValueError(f"{self.ckpt_path}: written for {order['n_items']} items at batch {order['batch_size']}, "
-                             f"this run has {self.n_items} at {self.cfg.batch_size} under the same fingerprint "
-                             f"(the fingerprint must cover the data); delete {self.ckpt_path.parent} and re-run")
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -295,8 +308,18 @@ class Trainer:
         self.term_names, self.rows, self.window, self.window_n = lg["term_names"], lg["rows"], lg["window"], lg["window_n"]
         self.recent.extend(lg["recent"])
         self.last, self.images, self.train_s, self.ckpt_step = lg["last"], lg["images"], lg["train_s"], ck["step"]
-        log.info("%s: resumed from %s at step %d", self.run_name, self.ckpt_path, ck["step"])
+        self.resumed_from = str(path)
+        self._say(f"resumed from step {ck['step']} of {self.cfg.steps} (checkpoint {path})")
         return ck["step"]
+
+    def _stop_on_signal(self, step: int) -> None:  # SIGTERM/SIGINT reached some rank: checkpoint, then exit
+        if step != self.ckpt_step:
+            self._save(step)
+        signum = self._pending[0] if self._pending else signal.SIGTERM  # another rank got it
+        self._pending.clear()  # handled here: deferred_signals must not exit a second time
+        self._say(f"stopped by {signal.Signals(signum).name} after step {step} of {self.cfg.steps}; checkpoint "
+                  f"{self.ckpt_path} written: re-run to resume from step {step}")
+        raise SystemExit(exit_code(signum))
 
     def _sample(self, step: int) -> None:
         if self.sample_fn is None or self.writer is None:
@@ -312,6 +335,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
+        with deferred_signals() as self._pending:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         t0 = time.perf_counter()
         resumed = self._resume()
         start = step = resumed or 0
@@ -333,6 +360,8 @@ class Trainer:
                 stats, lr, any_over = self.train_step(step, over)
                 step += 1
                 self._record(step, stats, lr, time.perf_counter() - t)
+                if self._interrupted:
+                    self._stop_on_signal(step)
                 if self.pbar is not None:
                     self.pbar.update(1)
                 if step % self.cfg.ckpt_every == 0:
@@ -359,4 +388,5 @@ class Trainer:
         return TrainResult(
             model=self.model.eval(), ema=self.ema, final_loss=sum(self.recent) / max(1, len(self.recent)),
             last_terms=last, steps_done=step, images_per_s=self.images / self.train_s if self.train_s else 0.0,
-            wall_s=time.perf_counter() - t0, stopped_early=stopped, resumed_from_step=resumed)
+            wall_s=time.perf_counter() - t0, stopped_early=stopped, resumed_from_step=resumed,
+            resumed_from=self.resumed_from, refused_checkpoints=list(self.refused))
