@@ -11,17 +11,14 @@ from pathlib import Path
 
 # file -> the headline keys worth tracking ("probe_*" expands to every representation)
 KEYS = {
-    "soda": ["linear_probe_z", "knn_z", "knn_raw_pixels", "recon_psnr", "recon_ssim", "images_per_s", "train_s",
-             "wall_s"],
+    "soda": ["recon_psnr", "recon_ssim", "images_per_s", "train_s", "wall_s"],
     "ul_stage1": ["bits_per_pixel", "recon_psnr", "recon_ssim", "images_per_s", "train_s", "wall_s"],
-    "ul_stage2": ["test_loss", "latents_per_s", "train_s", "wall_s"],
-    "ldae": ["knn_features", "linear_probe_features", "knn_raw_pixels", "knn_random_init", "images_per_s", "train_s",
-             "wall_s"],
-    "feature_net": ["wall_s"],
-    "linear_probe": ["probe_*", "best_representation", "best_probe", "best_baseline", "best_baseline_probe",
-                     "margin_over_baselines", "wall_s"],
-    "generation_eval": ["fd_featnet", "fd_featnet_floor", "fd_featnet_ratio", "kid_featnet", "fd_featnet_ul_recon_ratio",
-                        "ul_recon_psnr", "soda_recon_psnr", "ul_bits_per_pixel", "wall_s"],
+    "ul_stage2": ["val_loss", "latents_per_s", "train_s", "wall_s"],
+    "ldae": ["images_per_s", "train_s", "wall_s"],
+    "feature_net": ["test_accuracy", "wall_s"],
+    "linear_probe": ["probe_*", "knn_*", "wall_s"],
+    "generation_eval": ["fd_featnet", "fd_featnet_floor", "fd_featnet_floor_train", "fd_featnet_ratio", "kid_featnet",
+                        "fd_featnet_ul_recon_ratio", "wall_s"],
 }
 
 
@@ -30,7 +27,7 @@ def _pick(metrics: dict, keys: list[str]) -> dict:
     for k in keys:
         if k.endswith("*"):
             out |= {m: v for m, v in metrics.items()
-                    if m.startswith(k[:-1]) and not m.endswith("_std") and isinstance(v, (int, float))}
+                    if m.startswith(k[:-1]) and isinstance(v, (int, float))}
         elif k in metrics:
             out[k] = metrics[k]
     return out

@@ -35,7 +35,7 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def soda_steps(cfg: Config) -> int:
-    return cfg.eval.soda_steps or cfg.soda.diffusion.sample_steps  # generation_eval's choice
+    return cfg.soda.diffusion.sample_steps  # what the soda stage reconstructs with
 
 
 def ul_steps(cfg: Config) -> tuple[int, int]:

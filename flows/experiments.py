@@ -36,10 +36,10 @@ from flows.pipeline import dvc_env, run_streamed
 # The numbers people compare across experiments: metrics file -> keys. Those absent are left out.
 HEADLINE = {
     "metrics/generation_eval.json": ("fd_featnet", "fd_featnet_ratio", "kid_featnet"),
-    "metrics/linear_probe.json": ("best_representation", "best_probe", "margin_over_baselines"),
-    "metrics/soda.json": ("linear_probe_z", "knn_z"),
+    "metrics/linear_probe.json": ("probe_soda", "knn_soda", "probe_ul", "probe_ldae", "knn_ldae", "probe_raw_pixels",
+                                  "knn_raw_pixels"),
+    "metrics/soda.json": ("recon_psnr",),
     "metrics/ul_stage1.json": ("bits_per_pixel", "recon_psnr"),
-    "metrics/ldae.json": ("linear_probe_features",),
     "metrics/feature_net.json": ("test_accuracy",),
 }
 

@@ -9,8 +9,9 @@ rest of README.md is never touched. Every number names the file and key it was
 read from, so the README cannot drift from what the pipeline wrote. A missing
 file or key renders as "—" with a warning on stderr.
 
-A metric is either a plain number or {"value": number, "ci": [lo, hi]} (a 95%
-interval, rendered as "value [lo, hi]"). Which key each row reads is the ROWS
+A metric is a plain number, a number with a sibling key `<key>_ci95`, or
+{"value"|"acc": number, "ci"|"ci95": [lo, hi]} (a 95% interval, rendered as
+"value [lo, hi]"). Which key each row reads is the ROWS
 table just below: change a key there and nowhere else.
 Exit status: 0 ok, 1 the block differs (--check), 2 bad input (no markers, unreadable JSON).
 """
@@ -27,21 +28,21 @@ from pathlib import Path
 # (what the row shows, file in metrics/, key, format, baseline: (label, file, key) or None).
 # Keys are dotted paths into the JSON ("knn_vs_raw_pixels.p_value").
 ROWS = [
-    ("SODA z, linear probe (mean of 3 seeds)", "linear_probe.json", "probe_soda", "pct",
-     ("raw pixels", "linear_probe.json", "probe_raw_pixels")),
-    ("SODA z, kNN (k = 20)", "linear_probe.json", "knn_soda", "pct",
-     ("raw pixels", "linear_probe.json", "knn_raw_pixels")),
-    ("l-DAE tokens, linear probe (mean of 3 seeds)", "linear_probe.json", "probe_ldae", "pct",
-     ("raw pixels", "linear_probe.json", "probe_raw_pixels")),
-    ("l-DAE tokens, kNN (k = 20)", "linear_probe.json", "knn_ldae", "pct",
-     ("raw pixels", "linear_probe.json", "knn_raw_pixels")),
-    ("UL latent, linear probe (mean of 3 seeds)", "linear_probe.json", "probe_ul", "pct",
-     ("raw pixels", "linear_probe.json", "probe_raw_pixels")),
-    ("UL bits per pixel (test split, one draw per image)", "ul_stage1.json", "test_bits_per_pixel", "3f", None),
+    ("SODA z, linear probe (mean of 3 seeds)", "linear_probe.json", "representations.soda.linear", "pct",
+     ("raw pixels", "linear_probe.json", "representations.raw_pixels.linear")),
+    ("SODA z, kNN (k chosen on val)", "linear_probe.json", "representations.soda.knn", "pct",
+     ("raw pixels", "linear_probe.json", "representations.raw_pixels.knn")),
+    ("l-DAE tokens, linear probe (mean of 3 seeds)", "linear_probe.json", "representations.ldae.linear", "pct",
+     ("raw pixels", "linear_probe.json", "representations.raw_pixels.linear")),
+    ("l-DAE tokens, kNN (k chosen on val)", "linear_probe.json", "representations.ldae.knn", "pct",
+     ("raw pixels", "linear_probe.json", "representations.raw_pixels.knn")),
+    ("UL latent, linear probe (mean of 3 seeds)", "linear_probe.json", "representations.ul.linear", "pct",
+     ("raw pixels", "linear_probe.json", "representations.raw_pixels.linear")),
+    ("UL bits per pixel (test images, 8 times each)", "ul_stage1.json", "bits_per_pixel", "3f", None),
     ("UL reconstruction PSNR", "ul_stage1.json", "recon_psnr", "db", None),
-    ("UL samples, FD in the feature-net space", "generation_eval.json", "fd_featnet", "3f",
-     ("real-vs-real floor", "generation_eval.json", "fd_featnet_floor")),
-    ("UL samples, FD / floor", "generation_eval.json", "fd_featnet_ratio", "ratio", None),
+    ("UL samples, FD in the feature-net space (2 sample seeds)", "generation_eval.json", "fd_featnet", "3f",
+     ("real val vs test floor", "generation_eval.json", "fd_featnet_floor")),
+    ("UL samples, FD / val floor", "generation_eval.json", "fd_featnet_ratio", "ratio", None),
 ]
 COMMIT_KEY = "lineage.git.commit"  # the code commit each stage ran at
 
@@ -93,11 +94,11 @@ def lookup(metrics: dict[str, dict | None], name: str, key: str):
 
 
 def render_value(value, fmt: str, where: str) -> str:
-    """A number, or {"value": v, "ci": [lo, hi]}, in the row's format; anything else is missing."""
+    """A number, or {"value"|"acc": v, "ci"|"ci95": [lo, hi]}, in the row's format; anything else is missing."""
     f = FORMATS[fmt]
-    if isinstance(value, dict) and "value" in value:
-        ci = value.get("ci")
-        text = render_value(value["value"], fmt, where)
+    if isinstance(value, dict) and ("value" in value or "acc" in value):
+        ci = value.get("ci", value.get("ci95"))
+        text = render_value(value.get("value", value.get("acc")), fmt, where)
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
             text += f" [{f(ci[0])}, {f(ci[1])}]"
         return text
@@ -106,6 +107,17 @@ def render_value(value, fmt: str, where: str) -> str:
     if value is not None:
         warn(f"{where} is {value!r}, not a number; rendering {MISSING}")
     return MISSING
+
+
+def with_interval(metrics: dict[str, dict | None], name: str, key: str):
+    """The value at key, joined with its sibling `<key>_ci95` when the file has one."""
+    value = lookup(metrics, name, key)
+    parent, _, last = key.rpartition(".")
+    node = metrics.get(name)
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    ci = node.get(f"{last}_ci95") if isinstance(node, dict) else None
+    return {"value": value, "ci": ci} if isinstance(value, (int, float)) and ci is not None else value
 
 
 def render(metrics_dir: Path) -> str:
@@ -117,12 +129,12 @@ def render(metrics_dir: Path) -> str:
         "|---|---|---|---|",
     ]
     for label, name, key, fmt, base in ROWS:
-        value = render_value(lookup(metrics, name, key), fmt, f"metrics/{name}:{key}")
+        value = render_value(with_interval(metrics, name, key), fmt, f"metrics/{name}:{key}")
         source = f"`{name}`: `{key}`"
         beside = ""
         if base:
             b_label, b_name, b_key = base
-            beside = f"{b_label} {render_value(lookup(metrics, b_name, b_key), fmt, f'metrics/{b_name}:{b_key}')}"
+            beside = f"{b_label} {render_value(with_interval(metrics, b_name, b_key), fmt, f'metrics/{b_name}:{b_key}')}"
             source += f" / `{b_key}`" if b_name == name else f" / `{b_name}`: `{b_key}`"
         commit = lookup(metrics, name, COMMIT_KEY) if metrics.get(name) is not None else None
         source += f" ({commit[:7]})" if isinstance(commit, str) else ""

@@ -35,7 +35,7 @@ def test_tiny_run_writes_the_schema(tmp_path):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     (metrics / "soda.json").write_text(json.dumps(
-        {"linear_probe_z": 0.9, "recon_psnr": 17.0, "lineage": {"git": {"commit": "abc123", "dirty": False}}}))
+        {"recon_ssim": 0.9, "recon_psnr": 17.0, "lineage": {"git": {"commit": "abc123", "dirty": False}}}))
     out = tmp_path / "results"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "bench", *TINY, "--out", str(out), "--from-metrics", str(metrics)],
@@ -70,7 +70,7 @@ def test_tiny_run_writes_the_schema(tmp_path):
     assert all(_positive(s["img_per_s"]) for s in run["sampling"])
     assert run["profiles"][0]["model"] == "soda" and run["profiles"][0]["top"]
     q = run["quality"]["files"]["soda"]
-    assert q["commit"] == "abc123" and q["values"]["linear_probe_z"] == 0.9
+    assert q["commit"] == "abc123" and q["values"] == {"recon_ssim": 0.9, "recon_psnr": 17.0}
     assert "ul_stage1" in run["quality"]["missing"] and run["pipeline"] is None
 
 
@@ -115,11 +115,11 @@ def test_run_measured_passes_the_exit_code(tmp_path):
 
 def test_read_quality_picks_probe_keys(tmp_path):
     (tmp_path / "linear_probe.json").write_text(json.dumps(
-        {"probe_soda_z": 0.95, "probe_soda_z_std": 0.01, "probe_raw_pixels": 0.9, "best_probe": 0.95,
+        {"probe_soda": 0.95, "knn_soda": 0.93, "probe_raw_pixels": 0.9, "best_baseline": {"linear": "pca"},
          "representations": {}, "lineage": {"git": {"commit": "c0ffee", "dirty": True}}}))
     q = read_quality(tmp_path)
     v = q["files"]["linear_probe"]["values"]
-    assert v == {"probe_soda_z": 0.95, "probe_raw_pixels": 0.9, "best_probe": 0.95}
+    assert v == {"probe_soda": 0.95, "knn_soda": 0.93, "probe_raw_pixels": 0.9}
     assert q["files"]["linear_probe"]["dirty"] is True and "soda" in q["missing"]
 
 

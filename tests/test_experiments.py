@@ -77,14 +77,14 @@ def test_comparison_rows_from_exp_show_json():
                         "metrics/other.json": {"error": {"type": "FileNotFoundError"}}}}}
 
     show = [{"rev": "workspace", "name": None, "data": {}},
-            {**entry("aaaaaaa111", "main", 0.1, {"knn_z": 0.9, "steps": 5}),
-             "experiments": [{"name": "s-1", "revs": [entry("bbbbbbb222", "s-1", 0.2, {"knn_z": 0.8})]}]}]
+            {**entry("aaaaaaa111", "main", 0.1, {"recon_psnr": 0.9, "steps": 5}),
+             "experiments": [{"name": "s-1", "revs": [entry("bbbbbbb222", "s-1", 0.2, {"recon_psnr": 0.8})]}]}]
     rows = comparison_rows(show, ["s-1", "s-2"], ["train.lr"])
     assert rows == [
-        {"experiment": "baseline", "rev": "aaaaaaa", "state": "ok", "train.lr": 0.1, "soda.knn_z": 0.9},
-        {"experiment": "s-1", "rev": "bbbbbbb", "state": "ok", "train.lr": 0.2, "soda.knn_z": 0.8},
-        {"experiment": "s-2", "rev": "", "state": "failed", "train.lr": None, "soda.knn_z": None},
-    ]  # headline metrics only (knn_z, not steps); s-2 failed: DVC does not list it
+        {"experiment": "baseline", "rev": "aaaaaaa", "state": "ok", "train.lr": 0.1, "soda.recon_psnr": 0.9},
+        {"experiment": "s-1", "rev": "bbbbbbb", "state": "ok", "train.lr": 0.2, "soda.recon_psnr": 0.8},
+        {"experiment": "s-2", "rev": "", "state": "failed", "train.lr": None, "soda.recon_psnr": None},
+    ]  # headline metrics only (recon_psnr, not steps); s-2 failed: DVC does not list it
 
 
 def test_cli_help_and_usage_errors(capsys):
@@ -162,7 +162,7 @@ p = yaml.safe_load(open("params.yaml"))
 if p["train"]["lr"] < 0:
     raise SystemExit("lr must be positive")
 pathlib.Path("metrics").mkdir(exist_ok=True)
-json.dump({"knn_z": round(1 - p["train"]["lr"], 3), "steps": p["train"]["steps"], "lineage": {"stage": "soda"}},
+json.dump({"recon_psnr": round(1 - p["train"]["lr"], 3), "steps": p["train"]["steps"], "lineage": {"stage": "soda"}},
           open("metrics/soda.json", "w"))
 """
 DVC_YAML = f"""
@@ -208,7 +208,7 @@ def test_flow_runs_a_queued_sweep_and_publishes_the_table(prefect_server, fake_r
     from flows.experiments import experiments_flow
 
     rows = experiments_flow(set_params=["train.lr=0.2,0.4", "train.steps=7"], name="sw", root=str(fake_repo))
-    assert [(r["experiment"], r["state"], r["train.lr"], r["train.steps"], r["soda.knn_z"]) for r in rows] == [
+    assert [(r["experiment"], r["state"], r["train.lr"], r["train.steps"], r["soda.recon_psnr"]) for r in rows] == [
         ("baseline", "ok", 0.1, 3, 0.9), ("sw-1", "ok", 0.2, 7, 0.8), ("sw-2", "ok", 0.4, 7, 0.6)]
     assert (fake_repo / "params.yaml").read_text() == PARAMS  # the queue ran in temporary copies
     assert set(exp_metrics(fake_repo)) == {"sw-1", "sw-2"}  # plain DVC sees them too

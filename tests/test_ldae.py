@@ -213,7 +213,6 @@ def test_stage_end_to_end_and_artifact_round_trip(prepared_digits, tmp_path, mon
 
     from diffrep.config import parse_config
     from diffrep.data.prepared import load_prepared
-    from diffrep.eval.probe import knn_accuracy, normalize_for_knn
     from diffrep.models import artifact
     from diffrep.stages.ldae import run
 

@@ -254,3 +254,14 @@ def test_cli_prepare_exit_codes(tmp_path):
     assert procs[1].returncode == 1, err_bad
     assert "dogs/broken.png" in err_bad and "image readable" in err_bad
     assert "Traceback" not in err_bad and _nothing_written(bad)
+
+
+def test_the_top_level_seed_replicates_training_on_the_same_data(prepared_digits, tmp_path):
+    from diffrep.config import parse_config
+
+    root, _ = prepared_digits
+    prepare.run(parse_config({"seed": 7, "data": {"source": "digits", "image_size": 8}}), tmp_path / "s7")
+    assert path_hash(tmp_path / "s7/data/prepared") == path_hash(root / "data/prepared")  # same split, same bytes
+    prepare.run(parse_config({"data": {"source": "digits", "image_size": 8, "seed": 1}}), tmp_path / "d1")
+    other = load_prepared(tmp_path / "d1/data/prepared")
+    assert not np.array_equal(other.labels("train"), load_prepared(root / "data/prepared").labels("train"))

@@ -33,12 +33,17 @@ def args(d: Path) -> list[str]:
 
 
 def edit_metric(d: Path, name: str, key: str, value) -> None:
+    """Set (or, value None, delete) the dotted key of metrics/<name>."""
     path = d / "metrics" / name
     m = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    node = m
+    for part in parents:
+        node = node[part]
     if value is None:
-        del m[key]
+        del node[last]
     else:
-        m[key] = value
+        node[last] = value
     path.write_text(json.dumps(m))
 
 
@@ -54,19 +59,23 @@ def test_committed_readme_matches_committed_metrics():
 
 
 def test_readme_block_holds_mains_numbers():
-    m = json.loads((ROOT / "metrics" / "linear_probe.json").read_text())
+    reps = json.loads((ROOT / "metrics" / "linear_probe.json").read_text())["representations"]
     text = (ROOT / "README.md").read_text()
     block = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    assert f"| SODA z, linear probe (mean of 3 seeds) | {100 * m['probe_soda']:.1f}% | raw pixels " \
-           f"{100 * m['probe_raw_pixels']:.1f}% |" in block
+
+    def pct(r: dict) -> str:
+        return f"{100 * r['acc']:.1f}% [{100 * r['ci95'][0]:.1f}%, {100 * r['ci95'][1]:.1f}%]"
+
+    assert f"| SODA z, linear probe (mean of 3 seeds) | {pct(reps['soda']['linear'])} | raw pixels " \
+           f"{pct(reps['raw_pixels']['linear'])} |" in block
 
 
 def test_changed_metric_fails_the_check_naming_the_row(copy: Path):
-    edit_metric(copy, "linear_probe.json", "probe_soda", 0.5)
+    edit_metric(copy, "linear_probe.json", "representations.soda.linear.acc", 0.5)
     r = run("--check", *args(copy))
     assert r.returncode == 1
-    assert "+| SODA z, linear probe (mean of 3 seeds) | 50.0% |" in r.stderr
-    assert "`probe_soda`" in r.stderr and "make readme" in r.stderr
+    assert "+| SODA z, linear probe (mean of 3 seeds) | 50.0% [" in r.stderr
+    assert "`representations.soda.linear`" in r.stderr and "make readme" in r.stderr
     assert "50.0%" not in (copy / "README.md").read_text()  # --check never writes
 
 
@@ -86,13 +95,18 @@ def test_missing_key_renders_a_dash_with_a_warning(copy: Path):
     r = run(*args(copy))
     assert r.returncode == 0
     assert "has no key 'fd_featnet_ratio'" in r.stderr
-    assert row(copy, "UL samples, FD / floor").startswith("| UL samples, FD / floor | — |")
+    assert row(copy, "UL samples, FD / val floor").startswith("| UL samples, FD / val floor | — |")
 
 
 def test_value_with_interval_renders_both(copy: Path):
-    edit_metric(copy, "linear_probe.json", "knn_soda", {"value": 0.95, "ci": [0.9371, 0.9638]})
+    edit_metric(copy, "linear_probe.json", "representations.soda.knn", {"acc": 0.95, "ci95": [0.9371, 0.9638]})
+    edit_metric(copy, "generation_eval.json", "fd_featnet", 2.5)
+    edit_metric(copy, "generation_eval.json", "fd_featnet_ci95", [2.0, 3.25])
     assert run(*args(copy)).returncode == 0
-    assert row(copy, "SODA z, kNN (k = 20)").startswith("| SODA z, kNN (k = 20) | 95.0% [93.7%, 96.4%] |")
+    label = "SODA z, kNN (k chosen on val)"
+    assert row(copy, label).startswith(f"| {label} | 95.0% [93.7%, 96.4%] |")
+    label = "UL samples, FD in the feature-net space (2 sample seeds)"
+    assert row(copy, label).startswith(f"| {label} | 2.500 [2.000, 3.250] |")  # the sibling _ci95 key
 
 
 def test_readme_without_markers_is_refused_by_name(copy: Path):

@@ -35,9 +35,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from diffrep.data.sources import SourceError
     from diffrep.data.validate import DataValidationError
     from diffrep.io import ArtifactError
+    from diffrep.stages.runner import StageLocked
     from diffrep.train.engine import NonFiniteLossError
 
-    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError
+    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked
 
 
 def _load_params(path: str):

@@ -33,6 +33,7 @@ class ShapesConfig(Section):
 
 class DataConfig(Section):
     source: Literal["mnist5k", "digits", "shapes", "imagefolder", "torchvision"] = "mnist5k"
+    seed: int = Field(0, ge=0)  # the data's seed (shapes' scenes, the split); `seed` seeds training and evaluation
     path: str | None = None  # imagefolder: the folder; torchvision: "Name:root", e.g. "CIFAR10:data/raw/cifar"
     image_size: int = Field(16, ge=4, le=512)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)

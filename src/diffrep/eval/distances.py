@@ -12,7 +12,8 @@ Intervals: percentile bootstrap, resampling the reference images and the
 generated images together (B draws, seeded). Resampling with replacement
 duplicates images, which shrinks a set's spread and inflates its FD, so the FD
 draws are shifted by their bias (their mean minus the FD of the real sets)
-before the quantiles are read (bias-corrected percentile interval). For KID a
+before the quantiles are read (bias-corrected percentile interval; an FD is never
+below 0, so shifted draws are clipped there). For KID a
 resampled image is never paired with a copy of itself, so the estimator stays
 unbiased and needs no shift.
 A paired bootstrap of two sets against the same reference resamples the
@@ -110,7 +111,7 @@ def distances(ref: torch.Tensor, sets: dict[str, list[torch.Tensor]], *, resampl
             draws[name]["kid"].append(float(np.mean(kid)))
     for name in sets:
         fd = np.asarray(draws[name]["fd"])
-        draws[name]["fd"] = fd - (fd.mean() - out[name]["fd"])  # remove the resampling bias
+        draws[name]["fd"] = np.maximum(fd - (fd.mean() - out[name]["fd"]), 0.0)  # remove the resampling bias; FD >= 0
         for key in ("fd", "kid"):
             out[name][f"{key}_ci95"] = list(percentile(draws[name][key]))
     out["paired"] = []

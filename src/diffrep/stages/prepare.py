@@ -75,9 +75,10 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         print(f"[prepare] warning: data.path {cfg.data.path!r} is outside {RAW}/, so DVC cannot see its files "
               f"change and `dvc repro` will not re-run prepare when they do. Move it under {RAW}/ "
               f"(see {RAW}/README.md), or run `dvc repro -f prepare` after changing it.", file=sys.stderr)
-    raw = load_source(cfg.data, cfg.seed, root=root)
+    seed = cfg.data.seed  # the data's own seed: `seed` replicates of training see the same split
+    raw = load_source(cfg.data, seed, root=root)
     t_load = time.perf_counter()
-    split = split_dataset(raw.labels, cfg.data.test_fraction, cfg.seed, object_ids=raw.object_ids,
+    split = split_dataset(raw.labels, cfg.data.test_fraction, seed, object_ids=raw.object_ids,
                           val_fraction=cfg.data.val_fraction)
     report = validate_dataset(raw, split, cfg.data)
     t_validate = time.perf_counter()
@@ -86,7 +87,7 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
 
     info = source_info(cfg.data, raw, root)
     with atomic_dir(root / PREPARED) as tmp:
-        manifest = write_prepared(tmp, raw, split, seed=cfg.seed, test_fraction=cfg.data.test_fraction,
+        manifest = write_prepared(tmp, raw, split, seed=seed, test_fraction=cfg.data.test_fraction,
                                   val_fraction=cfg.data.val_fraction,
                                   extra={"source_info": info})
     write_json(root / REPORT, {"source": cfg.data.source, **report.to_dict()})
@@ -110,9 +111,9 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
             "total": round(t_write - t0, 3),
         },
     }
-    params = {"seed": cfg.seed, "data": to_dict(cfg.data), "source": info}
+    params = {"data": to_dict(cfg.data), "source": info}
     metrics["lineage"] = lineage_block("prepare", params, [], [root / PREPARED, root / REPORT],
-                                       seed=cfg.seed, started=started, root=root)
+                                       seed=seed, started=started, root=root)
     write_json(root / METRICS, metrics)
 
     s = metrics["seconds"]

@@ -167,7 +167,7 @@ SET_NAMES = {"samples": "UL samples", "floor_val": "real val images (honest floo
 def distance_rows(d: dict) -> list[list[str]]:
     return [[SET_NAMES.get(name, name), str(sum(v["n"])), ci({"value": v["fd"], "ci95": v["fd_ci95"]}, pct=False),
              ci({"value": v["kid"], "ci95": v["kid_ci95"]}, pct=False)]
-            for name, v in d.items() if name != "paired"]
+            for name, v in d.items() if isinstance(v, dict) and "fd" in v]
 
 
 def section_generation(m: dict) -> list[str]:
@@ -185,7 +185,8 @@ def section_generation(m: dict) -> list[str]:
     out += [""]
     for r in g["featnet"]["paired"]:
         if r["metric"] == "fd":
-            ratio = f"; {r['ratio']:.2f}x [{r['ratio_ci95'][0]:.2f}, {r['ratio_ci95'][1]:.2f}]" if "ratio" in r else ""
+            ratio = f"; {r['ratio']:.2f}x [{fmt(r['ratio_ci95'][0], digits=3)}, {fmt(r['ratio_ci95'][1], digits=3)}]" \
+                if "ratio" in r else ""
             verdict = "differs from" if r["p_value"] < 0.05 else "cannot be told from"
             out.append(f"- FD of {SET_NAMES.get(r['a'], r['a'])} {verdict} that of {SET_NAMES.get(r['b'], r['b'])}: "
                        f"difference {r['diff']:+.3g} [{r['diff_ci95'][0]:+.3g}, {r['diff_ci95'][1]:+.3g}]{ratio} "
