@@ -1,6 +1,7 @@
 """End to end: the real dvc.yaml in a temporary git repository, tiny params, `dvc repro`, then the audit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,18 @@ def sh(*cmd, cwd, check=True):
     if check and out.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
+
+
+@contextlib.contextmanager
+def flipped_last_byte(target: Path):
+    """The file with its last byte flipped for the duration of the block, then restored."""
+    original = target.read_bytes()
+    try:
+        target.chmod(0o644)
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        yield
+    finally:
+        target.write_bytes(original)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +97,9 @@ def test_lineage_intact_then_broken_by_a_modified_prepared_file(repo):
     ok = sh("diffrep", "lineage", "metrics/soda.json", "--key", "recon_psnr", cwd=repo, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "prepare" in ok.stdout and "soda" in ok.stdout
-    target = repo / "data/prepared/train_labels.npy"
-    original = target.read_bytes()
-    try:
-        target.chmod(0o644)
-        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with flipped_last_byte(repo / "data/prepared/train_labels.npy"):
         bad = sh("diffrep", "lineage", "metrics/soda.json", cwd=repo, check=False)
         assert bad.returncode == 1 and "data/prepared CHANGED" in bad.stdout
-    finally:
-        target.write_bytes(original)
 
 
 def test_reference_statistics_round_trip_and_lineage_checks_their_hash(repo):
@@ -104,14 +111,8 @@ def test_reference_statistics_round_trip_and_lineage_checks_their_hash(repo):
     assert features.shape == (manifest["n"], manifest["dim"]) and meta["sha256"] == manifest["files"][manifest["file"]]
     ok = sh("diffrep", "lineage", "metrics/fid_reference.json", cwd=repo, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    target = repo / "data/fid_reference" / manifest["file"]
-    original = target.read_bytes()
-    try:
-        target.chmod(0o644)
-        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with flipped_last_byte(repo / "data/fid_reference" / manifest["file"]):
         bad = sh("diffrep", "lineage", "metrics/fid_reference.json", cwd=repo, check=False)
         assert bad.returncode == 1 and "data/fid_reference CHANGED" in bad.stdout
         with pytest.raises(ArtifactError, match="sha256"):
             load_reference(repo / "data/fid_reference")
-    finally:
-        target.write_bytes(original)
