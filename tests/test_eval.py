@@ -263,7 +263,7 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
     md = (tiny_root / "reports/report.md").read_text()
     assert out["published"] and published[0]["key"] == "diffrep-report" and published[0]["markdown"] == md
     probe_row = f"{100 * raw['linear']['acc']:.1f}% [{100 * raw['linear']['ci95'][0]:.1f}, "
-    for text in ("## Linear probe", "raw_pixels", probe_row, "## Generation", "FD (featnet)",
+    for text in ("## Linear probe", "raw_pixels", probe_row, "| class | train | val | test |", "## Generation", "FD (featnet)",
                  "real val images (honest floor)", "cannot be told from", "**raw_pixels** ties with **pca**",
                  "## l-DAE kNN against raw pixels", "| standardize | 95.0% | 94.0% | 93.0% | 30 / 10 (p = 0.002) |",
                  "## Lineage", "`metrics/feature_net.json`", "## Params", "Inception FID: not measured",

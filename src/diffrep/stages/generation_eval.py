@@ -15,13 +15,16 @@ the same number of val images against them (their floor). Every FD and KID carri
 percentile-bootstrap interval and each comparison a paired bootstrap test (eval/distances.py).
 With factors (shapes): DCI of SODA z and UL latents, beside PCA of the pixels.
 
-Writes results/generation_eval/ (sample and reconstruction grids) and
+Writes results/generation_eval/ (sample and reconstruction grids; the samples' feature-net
+features, featnet_samples_seed<S>.npy, to compare experiments with eval/distances.py) and
 metrics/generation_eval.json (flat headline keys, details, lineage).
 A missing SODA or UL model is skipped and listed in `missing`.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +37,7 @@ from diffrep.eval.feature_net import load_feature_net
 from diffrep.eval.features import batched, pca_features, quantise
 from diffrep.eval.fid import InceptionFeatures
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.eval.reference import load_reference
+from diffrep.eval.reference import load_reference, save_features
 from diffrep.eval.ul import reconstruction
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import FILE, load_model
@@ -79,101 +82,137 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
             for name, (tr, te) in codes.items()}
 
 
-def run(cfg: Config, root: Path) -> dict | None:
+def dci_metrics(dci_by_code: dict) -> dict:
+    """The DCI table and its flat keys (`dci_<code>_<score>`) for `dvc exp show`."""
+    return {"dci": dci_by_code} | {f"dci_{name}_{key}": d[key] for name, d in dci_by_code.items()
+                                   for key in ("disentanglement", "completeness", "informativeness")}
+
+
+@dataclass
+class Eval:
+    """What every part of the stage shares: the feature net, the bootstrap settings, the timings."""
+
+    cfg: Config
+    device: torch.device
+    net: torch.nn.Module
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def boot(self) -> dict:
+        return {"resamples": self.cfg.eval.bootstrap, "seed": self.cfg.seed}
+
+    def featnet(self, x: torch.Tensor) -> torch.Tensor:
+        return batched(self.net.features, x, batch_size=self.cfg.eval.batch_size, device=self.device).float()
+
+    @contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+
+
+def real_sets(ev: Eval, prep: Prepared) -> dict[str, torch.Tensor]:
+    """The floors' images: as many real val (never seen by the feature net) and train images as one seed's samples."""
+    val_x, train_x = prep.images_float("val"), prep.images_float("train")
+    n = min(ev.cfg.eval.n_samples, len(val_x), len(train_x))
+    return {"floor_val": val_x[subset(len(val_x), n, "eval-val", ev.cfg.seed)],
+            "floor_train": train_x[subset(len(train_x), n, "eval-train", ev.cfg.seed)]}
+
+
+def ul_samples(ev: Eval, stage1: Path, stage2: Path) -> list[torch.Tensor]:
+    """`eval.n_samples` UL samples for each of `eval.sample_seeds`, quantised to the data's 256 levels."""
     from diffrep.sample import sample_ul
 
+    e = ev.cfg.eval
+    with ev.timed("ul_sample"):
+        return [quantise(sample_ul(stage1, stage2, e.n_samples, device=ev.device, base_steps=e.base_steps,
+                                   seed=derive_seed("eval-samples", ev.cfg.seed, s), decoder_steps=e.decoder_steps))
+                for s in e.sample_seeds]
+
+
+def ul_reconstructions(ev: Eval, stage1, test_x: torch.Tensor, floor_val: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """FD/KID of UL reconstructions of `eval.recon_images` test images against those images, beside val images."""
+    e = ev.cfg.eval
+    with ev.timed("ul_recon"):
+        r = min(e.recon_images, len(test_x), len(floor_val))
+        targets = test_x[subset(len(test_x), r, "eval-test", ev.cfg.seed)]
+        g = torch.Generator().manual_seed(derive_seed("ul-recon", ev.cfg.seed))
+        _, recon = reconstruction(stage1, targets, generator=g, steps=e.decoder_steps, device=ev.device,
+                                  batch_size=e.batch_size)
+        rec = distances(ev.featnet(targets), {"recon": [ev.featnet(recon)], "floor_val": [ev.featnet(floor_val[:r])]},
+                        pairs=[("recon", "floor_val")], **ev.boot)
+    m = {"ul_recon_featnet": rec | {"n": r}, "fd_featnet_ul_recon": rec["recon"]["fd"],
+         "fd_featnet_ul_recon_ci95": rec["recon"]["fd_ci95"], "fd_featnet_ul_recon_floor": rec["floor_val"]["fd"],
+         "fd_featnet_ul_recon_ratio": rec["paired"][0]["ratio"]}
+    return m, interleave(targets[:16], recon[:16])
+
+
+def inception_distances(ev: Eval, real: dict, samples: list, test_x: torch.Tensor, pairs: list) -> dict:
+    """The standard FID space (user-supplied weights): reference = the same test images, features made here."""
+    with ev.timed("inception"):
+        inc = InceptionFeatures(ev.cfg.eval.inception_weights).to(ev.device)
+
+        def inception(x: torch.Tensor) -> torch.Tensor:
+            return batched(inc, x, batch_size=50, device=ev.device).float()
+
+        sets = {name: [inception(x)] for name, x in real.items()} | (
+            {"samples": [inception(x) for x in samples]} if samples else {})
+        d = distances(inception(test_x), sets, pairs=pairs, **ev.boot)
+    return {"inception": d} | headline(d, "inception")
+
+
+def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("generation_eval", cfg, root) as ctx:
         if not ctx.is_main:
             return None
-        e, dev, seconds, t = cfg.eval, ctx.runtime.device, {}, time.perf_counter()
+        dev = ctx.runtime.device
         prep = load_prepared(ctx.path(PREPARED))
-        net = load_feature_net(ctx.path(FEATNET)).to(dev)
+        ev = Eval(cfg, dev, load_feature_net(ctx.path(FEATNET)).to(dev))
         ref, ref_manifest = load_reference(ctx.path(REFERENCE))
         inputs, missing, grids = [ctx.path(PREPARED), ctx.path(FEATNET), ctx.path(REFERENCE)], [], []
-        boot = {"resamples": e.bootstrap, "seed": cfg.seed}
-
-        def featnet(x: torch.Tensor) -> torch.Tensor:
-            return batched(net.features, x, batch_size=e.batch_size, device=dev).float()
-
-        val_x, train_x = prep.images_float("val"), prep.images_float("train")
-        n_floor = min(e.n_samples, len(val_x), len(train_x))
-        real = {"floor_val": val_x[subset(len(val_x), n_floor, "eval-val", cfg.seed)],
-                "floor_train": train_x[subset(len(train_x), n_floor, "eval-train", cfg.seed)]}
-        sets = {name: [featnet(x)] for name, x in real.items()}
-        m: dict = {"reference": ref_manifest | {"path": str(REFERENCE)}, "n_floor": n_floor,
-                   "feature_space": f"featnet = pooled penultimate layer ({net.num_features}-d) of the in-domain "
+        real = real_sets(ev, prep)
+        sets = {name: [ev.featnet(x)] for name, x in real.items()}
+        m: dict = {"reference": ref_manifest | {"path": str(REFERENCE)}, "n_floor": len(real["floor_val"]),
+                   "feature_space": f"featnet = pooled penultimate layer ({ev.net.num_features}-d) of the in-domain "
                                     "classifier models/feature_net, not Inception"}
-
         have_ul = (ctx.path(UL1) / FILE).is_file() and (ctx.path(UL2) / FILE).is_file()
-        samples = []
+        samples = ul_samples(ev, ctx.path(UL1), ctx.path(UL2)) if have_ul else []
         if have_ul:
             inputs += [ctx.path(UL1), ctx.path(UL2)]
-            t = time.perf_counter()
-            samples = [quantise(sample_ul(ctx.path(UL1), ctx.path(UL2), e.n_samples, device=dev,
-                                          seed=derive_seed("eval-samples", cfg.seed, s), base_steps=e.base_steps,
-                                          decoder_steps=e.decoder_steps)) for s in e.sample_seeds]
-            sets["samples"] = [featnet(x) for x in samples]
-            seconds["ul_sample"] = time.perf_counter() - t
-            grids.append(("ul_samples.png", samples[0][: e.grid_images], 8))
+            sets["samples"] = [ev.featnet(x) for x in samples]
+            grids.append(("ul_samples.png", samples[0][: cfg.eval.grid_images], 8))
         else:
             missing.append("ul")
             print(f"[generation_eval] {UL1} or {UL2} not found: skipping UL sampling and reconstruction")
-        t = time.perf_counter()
         pairs = [("samples", "floor_val"), ("floor_train", "floor_val")] if have_ul else [("floor_train", "floor_val")]
-        m["featnet"] = distances(ref, sets, pairs=pairs, **boot)
+        with ev.timed("distances"):
+            m["featnet"] = distances(ref, sets, pairs=pairs, **ev.boot)
         m |= headline(m["featnet"], "featnet")
-        seconds["distances"] = time.perf_counter() - t
 
         prep.release_test()  # nothing is chosen in this stage; test images are the reconstruction targets
         test_x = prep.images_float("test")
-        if have_ul:
-            t = time.perf_counter()
-            stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev)
-            r = min(e.recon_images, len(test_x), len(val_x))
-            targets = test_x[subset(len(test_x), r, "eval-test", cfg.seed)]
-            g = torch.Generator().manual_seed(derive_seed("ul-recon", cfg.seed))
-            _, recon = reconstruction(stage1, targets, generator=g, steps=e.decoder_steps, device=dev,
-                                      batch_size=e.batch_size)
-            rec = distances(featnet(targets), {"recon": [featnet(recon)], "floor_val": [featnet(real["floor_val"][:r])]},
-                            pairs=[("recon", "floor_val")], **boot)
-            m["ul_recon_featnet"] = rec | {"n": r}
-            m |= {"fd_featnet_ul_recon": rec["recon"]["fd"], "fd_featnet_ul_recon_ci95": rec["recon"]["fd_ci95"],
-                  "fd_featnet_ul_recon_floor": rec["floor_val"]["fd"], "fd_featnet_ul_recon_ratio": rec["paired"][0]["ratio"]}
-            grids.append(("ul_recon.png", interleave(targets[:16], recon[:16]), 8))
-            seconds["ul_recon"] = time.perf_counter() - t
-
-        if e.inception_weights:  # the standard FID: reference = the same test images, features made here
-            t = time.perf_counter()
-            inc = InceptionFeatures(e.inception_weights).to(dev)
-
-            def inception(x: torch.Tensor) -> torch.Tensor:
-                return batched(inc, x, batch_size=50, device=dev).float()
-
-            inc_sets = {name: [inception(x)] for name, x in real.items()} | (
-                {"samples": [inception(x) for x in samples]} if samples else {})
-            m["inception"] = distances(inception(test_x), inc_sets, pairs=pairs, **boot)
-            m |= headline(m["inception"], "inception")
-            seconds["inception"] = time.perf_counter() - t
-
+        stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev) if have_ul else None
+        if stage1 is not None:
+            rec, grid = ul_reconstructions(ev, stage1, test_x, real["floor_val"])
+            m |= rec
+            grids.append(("ul_recon.png", grid, 8))
+        if cfg.eval.inception_weights:
+            m |= inception_distances(ev, real, samples, test_x, pairs)
         if prep.array("train", "factors") is not None:
-            t = time.perf_counter()
-            encoders = {}
+            encoders = {"ul": stage1.features} if stage1 is not None else {}
             if (ctx.path(SODA) / FILE).is_file():
                 inputs.append(ctx.path(SODA))
                 encoders["soda"] = load_model(ctx.path(SODA), "soda").to(dev).encode
-            if have_ul:
-                encoders["ul"] = stage1.features
-            m["dci"] = dci_all(encoders, prep, cfg, dev)
-            for name, d in m["dci"].items():
-                for key in ("disentanglement", "completeness", "informativeness"):
-                    m[f"dci_{name}_{key}"] = d[key]
-            seconds["dci"] = time.perf_counter() - t
+            with ev.timed("dci"):
+                m |= dci_metrics(dci_all(encoders, prep, cfg, dev))
 
         with atomic_dir(ctx.path(OUT)) as tmp:
             for fname, images, ncol in grids:
                 save_grid(tmp / fname, images, ncol=ncol)
+            if have_ul:  # so two runs' samples can be compared by a paired bootstrap against the same reference
+                save_features(tmp, {f"featnet_samples_seed{s}": f for s, f in zip(cfg.eval.sample_seeds, sets["samples"])})
         m["missing"] = missing
-        m["featnet_test_accuracy"] = (batched(net.predict, test_x, device=dev)
+        m["featnet_test_accuracy"] = (batched(ev.net.predict, test_x, device=dev)
                                       == torch.from_numpy(prep.labels("test"))).double().mean().item()
-        m["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+        m["seconds"] = ev.seconds
         return runner.finish(ctx, m, params=runner.section_params(cfg, "eval"), inputs=inputs, outputs=[ctx.path(OUT)])

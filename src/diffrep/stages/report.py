@@ -85,10 +85,16 @@ def section_data(m: dict) -> list[str]:
     if not p:
         return []
     c = p.get("counts", {})
-    return ["## Data", "", f"Source `{p.get('source')}`, images {'x'.join(map(str, p.get('image_shape', [])))}, "
-            f"{p.get('num_classes')} classes; {c.get('train')} train / {c.get('val')} val / {c.get('test')} test "
-            f"images; {p.get('validation', {}).get('n_expectations')} data expectations passed. Every choice "
-            "(probe lr, kNN k, best baseline) is made on val; test is read once, for the numbers below.", ""]
+    out = ["## Data", "", f"Source `{p.get('source')}`, images {'x'.join(map(str, p.get('image_shape', [])))}, "
+           f"{p.get('num_classes')} classes; {c.get('train')} train / {c.get('val')} val / {c.get('test')} test "
+           f"images; {p.get('validation', {}).get('n_expectations')} data expectations passed. Every choice "
+           "(probe lr, kNN k, best baseline) is made on val; test is read once, for the numbers below.", ""]
+    balance = p.get("class_balance", {})
+    splits = [s for s in ("train", "val", "test") if isinstance(balance.get(s), dict)]
+    if splits:  # images per class, by name
+        names = list(balance[splits[0]])
+        out += table(["class", *splits], [[n, *(str(balance[s].get(n, 0)) for s in splits)] for n in names]) + [""]
+    return out
 
 
 BASELINE_NOTES = {

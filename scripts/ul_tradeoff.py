@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The Unified Latents trade-off with generation quality and seeds: bits/px, PSNR and sample FD per loss factor.
+
+    python scripts/ul_tradeoff.py                          # factors 1.5 3 6, seeds 0 1, 2 jobs
+    python scripts/ul_tradeoff.py --factors 2 4 --seeds 0 1 2 --jobs 1
+
+Needs main's pipeline outputs (`dvc repro`): data/prepared, models/feature_net and
+data/fid_reference are shared by every run, so every FD is measured in the same feature
+space against the same reference. Each (loss factor, seed) runs `ul_stage1`, `ul_stage2`
+and `generation_eval` in its own scratch root under --work with params.yaml plus the two
+overrides (`ul.stage1.loss_factor`, `seed`; the data keep `data.seed`, so every run sees
+the same split). A run whose metrics already exist is not run again. Then, for each seed,
+neighbouring factors are compared by a paired bootstrap of their samples' FD against the
+shared reference (eval/distances.py), and a markdown table goes to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ("data/prepared", "models/feature_net", "data/fid_reference")
+STAGES = ("ul_stage1", "ul_stage2", "generation_eval")
+
+
+def run_one(work: Path, factor: float, seed: int, threads: int) -> Path:
+    """One (factor, seed) in its own root; returns the root. Skips stages whose metrics exist."""
+    root = work / f"lf{factor:g}-s{seed}"
+    for rel in SHARED:
+        if not (root / rel).exists():
+            shutil.copytree(ROOT / rel, root / rel)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seed"], params["ul"]["stage1"]["loss_factor"] = seed, factor
+    params["runtime"]["num_threads"] = threads
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    for stage in STAGES:
+        if (root / f"metrics/{stage}.json").is_file():
+            continue
+        with open(root / f"{stage}.log", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "diffrep.cli", "stage", stage, "--params",
+                                 str(root / "params.yaml"), "--root", str(root)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+        if rc:
+            raise SystemExit(f"{root}: stage {stage} exited {rc}; see {root / (stage + '.log')}")
+    return root
+
+
+def samples(root: Path) -> list[torch.Tensor]:
+    folder = root / "results/generation_eval"
+    return [torch.from_numpy(np.load(p, allow_pickle=False)) for p in sorted(folder.glob("featnet_samples_seed*.npy"))]
+
+
+def table(work: Path, factors: list[float], seeds: list[int], resamples: int) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from diffrep.eval.distances import distances
+    from diffrep.eval.reference import load_reference
+
+    ref, _ = load_reference(ROOT / "data/fid_reference")
+    rows = ["| loss factor | seed | bits/px | PSNR (dB) | FD (featnet) | FD / val floor |", "|---|---|---|---|---|---|"]
+    for f in factors:
+        for s in seeds:
+            root = work / f"lf{f:g}-s{s}"
+            u = json.loads((root / "metrics/ul_stage1.json").read_text())
+            g = json.loads((root / "metrics/generation_eval.json").read_text())
+            lo, hi = g["fd_featnet_ci95"]
+            rlo, rhi = g["fd_featnet_ratio_ci95"]
+            rows.append(f"| {f:g} | {s} | {u['bits_per_pixel']:.4f} | {u['recon_psnr']:.2f} | "
+                        f"{g['fd_featnet']:.3f} [{lo:.3f}, {hi:.3f}] | {g['fd_featnet_ratio']:.2f}x [{rlo:.2f}, {rhi:.2f}] |")
+    tests = ["", "| seed | factor a | factor b | FD a − FD b | 95% interval | p (paired bootstrap) |",
+             "|---|---|---|---|---|---|"]
+    for s in seeds:
+        for a, b in zip(factors, factors[1:]):
+            fa, fb = samples(work / f"lf{a:g}-s{s}"), samples(work / f"lf{b:g}-s{s}")
+            d = distances(ref, {"a": fa, "b": fb}, resamples=resamples, seed=s, pairs=[("a", "b")])
+            r = next(x for x in d["paired"] if x["metric"] == "fd")
+            tests.append(f"| {s} | {a:g} | {b:g} | {r['diff']:+.3f} | [{r['diff_ci95'][0]:+.3f}, "
+                         f"{r['diff_ci95'][1]:+.3f}] | {r['p_value']:.3g} |")
+    return "\n".join(rows + tests) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--factors", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each with 2 // jobs threads)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/ul-tradeoff"), help="scratch roots (outside the repo)")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: print it)")
+    p.add_argument("--resamples", type=int, default=200, help="bootstrap draws of the paired FD tests")
+    a = p.parse_args(argv)
+    for rel in SHARED:
+        if not (ROOT / rel).exists():
+            print(f"ul_tradeoff: {ROOT / rel} is missing; run `dvc repro` first", file=sys.stderr)
+            return 2
+    threads = max(1, (os.cpu_count() or 2) // a.jobs)
+    runs = [(f, s) for f in a.factors for s in a.seeds]
+    with cf.ThreadPoolExecutor(a.jobs) as pool:  # each run is its own subprocesses
+        for root in pool.map(lambda fs: run_one(a.work, *fs, threads), runs):
+            print(f"[ul_tradeoff] done: {root}", file=sys.stderr)
+    md = table(a.work, a.factors, a.seeds, a.resamples)
+    if a.out:
+        a.out.write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
