@@ -36,7 +36,7 @@ test: setup  ## run the test suite (all but the slow fault-injection cases: `mak
 	$(BIN)/python -m pytest -q -m "not (slow and faults)"
 
 faults: setup  ## the slow fault-injection cases (signals, a real full disk, Prefect retries; ~2 min)
-	$(BIN)/python -m pytest -q -m slow tests/test_faults.py
+	$(BIN)/python -m pytest -q -m slow tests/test_faults_slow.py
 
 bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -170,6 +170,11 @@ SET_NAMES = {"samples": "UL samples", "floor_val": "real val images (honest floo
              "recon": "UL reconstructions"}
 
 
+def ratio_end(hi: float) -> str:
+    """A ratio's upper interval end: unbounded once the floor's own interval reaches 0."""
+    return fmt(hi, digits=3) if hi < 1e3 else "unbounded: the floor's interval reaches 0"
+
+
 def distance_rows(d: dict) -> list[list[str]]:
     return [[SET_NAMES.get(name, name), str(sum(v["n"])), ci({"value": v["fd"], "ci95": v["fd_ci95"]}, pct=False),
              ci({"value": v["kid"], "ci95": v["kid_ci95"]}, pct=False)]
@@ -191,7 +196,7 @@ def section_generation(m: dict) -> list[str]:
     out += [""]
     for r in g["featnet"]["paired"]:
         if r["metric"] == "fd":
-            ratio = f"; {r['ratio']:.2f}x [{fmt(r['ratio_ci95'][0], digits=3)}, {fmt(r['ratio_ci95'][1], digits=3)}]" \
+            ratio = f"; {r['ratio']:.2f}x [{fmt(r['ratio_ci95'][0], digits=3)}, {ratio_end(r['ratio_ci95'][1])}]" \
                 if "ratio" in r else ""
             verdict = "differs from" if r["p_value"] < 0.05 else "cannot be told from"
             out.append(f"- FD of {SET_NAMES.get(r['a'], r['a'])} {verdict} that of {SET_NAMES.get(r['b'], r['b'])}: "
