@@ -42,7 +42,8 @@ ROWS = [
     ("UL reconstruction PSNR", "ul_stage1.json", "recon_psnr", "db", None),
     ("UL samples, FD in the feature-net space (2 sample seeds)", "generation_eval.json", "fd_featnet", "3f",
      ("real val vs test floor", "generation_eval.json", "fd_featnet_floor")),
-    ("UL samples, FD / val floor", "generation_eval.json", "fd_featnet_ratio", "ratio", None),
+    ("UL samples, FD above the val floor (paired bootstrap)", "generation_eval.json", "fd_featnet_above_floor",
+     "signed", None),
 ]
 COMMIT_KEY = "lineage.git.commit"  # the code commit each stage ran at
 
@@ -54,6 +55,7 @@ FORMATS = {
     "3f": lambda v: f"{v:.3f}",
     "db": lambda v: f"{v:.2f} dB",
     "ratio": lambda v: f"{v:.2f}x",
+    "signed": lambda v: f"{v:+.3f}",
 }
 
 

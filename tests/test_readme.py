@@ -91,11 +91,12 @@ def test_write_replaces_only_the_block_and_then_checks_clean(copy: Path):
 
 
 def test_missing_key_renders_a_dash_with_a_warning(copy: Path):
-    edit_metric(copy, "generation_eval.json", "fd_featnet_ratio", None)
+    edit_metric(copy, "generation_eval.json", "fd_featnet_above_floor", None)
     r = run(*args(copy))
     assert r.returncode == 0
-    assert "has no key 'fd_featnet_ratio'" in r.stderr
-    assert row(copy, "UL samples, FD / val floor").startswith("| UL samples, FD / val floor | — |")
+    assert "has no key 'fd_featnet_above_floor'" in r.stderr
+    label = "UL samples, FD above the val floor (paired bootstrap)"
+    assert row(copy, label).startswith(f"| {label} | — |")
 
 
 def test_value_with_interval_renders_both(copy: Path):

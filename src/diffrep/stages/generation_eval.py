@@ -64,6 +64,9 @@ def headline(d: dict, space: str) -> dict:
     for row in d["paired"]:
         if row["metric"] == "fd" and row["a"] == "samples" and row["b"] == "floor_val":
             m[f"fd_{space}_ratio"], m[f"fd_{space}_ratio_ci95"] = row["ratio"], row["ratio_ci95"]
+            # how far the samples are above real images, with the paired test's interval and p
+            m[f"fd_{space}_above_floor"], m[f"fd_{space}_above_floor_ci95"] = row["diff"], row["diff_ci95"]
+            m[f"fd_{space}_above_floor_p"] = row["p_value"]
     return m
 
 
