@@ -242,3 +242,24 @@ def test_ul_tradeoff_study_helps_and_refuses_to_run_without_the_pipeline_outputs
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "data/prepared is missing; run `dvc repro` first" in out.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_val_recheck_refuses_unknown_keys_and_missing_outputs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts/val_recheck.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ldae" in out.stdout and "ul2" in out.stdout
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts/val_recheck.py").write_text(script.read_text())
+    out = subprocess.run([sys.executable, str(tmp_path / "scripts/val_recheck.py"), "ldae", "ldae.pca_dim=8",
+                          "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "data/prepared is missing; run `dvc repro` first" in out.stderr
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("val_recheck", script)
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    params = {"ldae": {"pca_dim": 16}}
+    mod.set_key(params, "ldae.pca_dim", 8)
+    assert params == {"ldae": {"pca_dim": 8}}
+    with pytest.raises(SystemExit, match="ldae.pca_dims is not a key"):
+        mod.set_key(params, "ldae.pca_dims", 8)

@@ -151,6 +151,23 @@ def test_model_artifact_with_a_flipped_byte_is_refused_by_name(tmp_path):
         load_model(tmp_path, "ldae")
 
 
+def test_feature_net_with_a_flipped_byte_is_refused_by_name(tmp_path):
+    from diffrep.config import FeatureNetConfig
+    from diffrep.eval.feature_net import KIND, FeatureNet, load_feature_net
+    from diffrep.models.artifact import save_model
+
+    cfg = FeatureNetConfig.model_validate({"width": 8})
+    save_model(tmp_path, FeatureNet(cfg, (1, 8, 8), 3), kind=KIND, section=cfg.model_dump(mode="json"),
+               image_shape=(1, 8, 8), extra={"num_classes": 3})
+    load_feature_net(tmp_path)  # intact: loads
+    f = tmp_path / "model.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.pt: (damaged|unreadable|cannot be loaded)"):
+        load_feature_net(tmp_path)
+
+
 def test_resume_is_said_on_the_console_and_recorded_in_the_lineage(tmp_path, capsys):
     cfg = make_cfg(source="digits", image_size=8)
 

@@ -80,7 +80,7 @@ def load_feature_net(path: str | Path) -> FeatureNet:
     file = Path(path) / FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise ArtifactError(f"{file}: feature net not found; run `dvc repro feature_net` (diffrep stage feature_net)")
-    payload = load_torch(file)
+    payload = load_torch(file, verify=True)  # the content hash save_model wrote: a damaged file is refused
     try:
         if payload["kind"] != KIND:
             raise ArtifactError(f"{file}: holds a {payload['kind']!r} model, expected {KIND!r}")
