@@ -67,16 +67,17 @@ def table(work: Path, factors: list[float], seeds: list[int], resamples: int) ->
     from diffrep.eval.reference import load_reference
 
     ref, _ = load_reference(ROOT / "data/fid_reference")
-    rows = ["| loss factor | seed | bits/px | PSNR (dB) | FD (featnet) | FD / val floor |", "|---|---|---|---|---|---|"]
+    rows = ["| loss factor | seed | bits/px | PSNR (dB) | FD (featnet) | FD above the val floor |", "|---|---|---|---|---|---|"]
     for f in factors:
         for s in seeds:
             root = work / f"lf{f:g}-s{s}"
             u = json.loads((root / "metrics/ul_stage1.json").read_text())
             g = json.loads((root / "metrics/generation_eval.json").read_text())
             lo, hi = g["fd_featnet_ci95"]
-            rlo, rhi = g["fd_featnet_ratio_ci95"]
+            alo, ahi = g["fd_featnet_above_floor_ci95"]
             rows.append(f"| {f:g} | {s} | {u['bits_per_pixel']:.4f} | {u['recon_psnr']:.2f} | "
-                        f"{g['fd_featnet']:.3f} [{lo:.3f}, {hi:.3f}] | {g['fd_featnet_ratio']:.2f}x [{rlo:.2f}, {rhi:.2f}] |")
+                        f"{g['fd_featnet']:.3f} [{lo:.3f}, {hi:.3f}] | {g['fd_featnet_above_floor']:+.3f} "
+                        f"[{alo:+.3f}, {ahi:+.3f}] |")
     tests = ["", "| seed | factor a | factor b | FD a − FD b | 95% interval | p (paired bootstrap) |",
              "|---|---|---|---|---|---|"]
     for s in seeds:
