@@ -42,7 +42,7 @@ bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="-
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # DVC shows every key and every param as a column; keep the headline metrics and the params people sweep.
-EXPS_KEEP := Experiment|Created|probe_soda$$|probe_ul$$|probe_ldae$$|knn_ldae$$|knn_raw_pixels$$|fd_featnet$$|fd_featnet_ratio$$|bits_per_pixel$$|metrics/ul_stage1.json:recon_psnr|data.source|ul.stage1.loss_factor|ul.stage1.logsnr_z0|ldae.noise_space|ldae.pca_dim
+EXPS_KEEP := Experiment|Created|probe_soda$$|probe_ul$$|probe_ldae$$|knn_ldae$$|knn_raw_pixels$$|fd_featnet$$|fd_featnet_above_floor$$|bits_per_pixel$$|metrics/ul_stage1.json:recon_psnr|data.source|ul.stage1.loss_factor|ul.stage1.logsnr_z0|ldae.noise_space|ldae.pca_dim
 exps: setup  ## compare DVC experiments (headline columns); EXPS_ARGS="-A" for experiments of every commit
 	$(BIN)/dvc exp show --drop '.*' --keep '$(EXPS_KEEP)' $(EXPS_ARGS)
 
