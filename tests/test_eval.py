@@ -226,6 +226,8 @@ def test_eval_stages_and_report_on_a_tiny_run(tiny_root, random_inception, monke
     bars = (tiny_root / "metrics/linear_probe_bars.csv").read_text().splitlines()
     assert bars[0] == "representation,accuracy,ci_low,ci_high,group" and len(bars) == 3
     assert (tiny_root / "results/linear_probe/probe_bars.png").is_file()
+    saved = np.load(tiny_root / "results/linear_probe/scores_raw_pixels_knn.npy")
+    assert saved.shape == (rm["n"],) and saved.mean() == pytest.approx(raw["knn"]["acc"])  # per-image, test order
 
     # the Inception branch, on 6 images per set: labelled as Inception, never mixed with the feature-net keys
     inc_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(

@@ -19,7 +19,9 @@ and listed in `missing`.
 
 Writes metrics/linear_probe.json (flat headline keys `probe_<rep>`, `knn_<rep>` for
 `dvc exp show`; per-representation detail under `representations`; `comparisons`;
-lineage), metrics/linear_probe_bars.csv (`dvc plots`) and results/linear_probe/probe_bars.png.
+lineage), metrics/linear_probe_bars.csv (`dvc plots`), results/linear_probe/probe_bars.png and
+results/linear_probe/scores_<rep>_<linear|knn>.npy (each test image's score, in test order: two runs
+on the same split can be compared image by image with eval/paired.py).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from diffrep.eval.features import batched, fit_pca
 from diffrep.eval.knn_study import knn_by_normalization
 from diffrep.eval.plots import bar_chart
 from diffrep.eval.probe import Probe, comparisons
-from diffrep.io import atomic_dir, write_text
+from diffrep.io import atomic_dir, save_npy, write_text
 from diffrep.models import artifact
 from diffrep.nn import set_attention_backend
 from diffrep.stages import runner
@@ -132,6 +134,10 @@ def run(cfg: Config, root: Path) -> dict | None:
         write_text(ctx.path(BARS), "representation,accuracy,ci_low,ci_high,group\n"
                    + "".join(f"{n},{a:.4f},{lo:.4f},{hi:.4f},{g}\n" for n, a, lo, hi, g in rows))
         with atomic_dir(ctx.path(OUT)) as tmp:
+            # per-test-image scores, so two runs (experiments) can be compared by a paired test (eval/paired.py)
+            for name, sc in scores.items():
+                for clf, v in sc.items():
+                    save_npy(tmp / f"scores_{name}_{clf}.npy", v.float().numpy())
             bar_chart(tmp / "probe_bars.png", rows,
                       f"{prep.manifest['source']} {'x'.join(map(str, prep.image_shape))}: linear probe on test, "
                       f"mean over {len(cfg.probe.seeds)} seeds, 95% interval")
