@@ -231,14 +231,14 @@ def test_failed_experiment_fails_the_flow_after_publishing(prefect_server, fake_
     assert [(r["experiment"], r["state"]) for r in table] == [("baseline", "ok"), ("neg", "failed")]
 
 
-def test_ul_tradeoff_study_helps_and_refuses_to_run_without_the_pipeline_outputs(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts/ul_tradeoff.py"
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--factors" in out.stdout and "--seeds" in out.stdout
-    # a copy of the script in a tree without data/prepared: refused before anything runs
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts/ul_tradeoff.py").write_text(script.read_text())
-    out = subprocess.run([sys.executable, str(tmp_path / "scripts/ul_tradeoff.py"), "--work", str(tmp_path / "w")],
+@pytest.mark.parametrize("script, flag", [("ul_tradeoff.py", "--factors"), ("ldae_noise_space.py", "--seeds")])
+def test_study_scripts_help_and_refuse_to_run_without_the_pipeline_outputs(tmp_path, script, flag):
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and flag in out.stdout and "--seeds" in out.stdout
+    # a copy of the scripts in a tree without data/prepared: refused before anything runs
+    shutil.copytree(path.parent, tmp_path / "scripts")
+    out = subprocess.run([sys.executable, str(tmp_path / "scripts" / script), "--work", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "data/prepared is missing; run `dvc repro` first" in out.stderr
     assert not (tmp_path / "w").exists()
