@@ -19,41 +19,28 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ("data/prepared", "models/feature_net", "data/fid_reference")
-STAGES = ("ul_stage1", "ul_stage2", "generation_eval")
+sys.path.insert(0, str(ROOT / "scripts"))
+from val_recheck import SHARED, run_variant, variant_root  # noqa: E402  (the same scratch-root runner)
+
+
+def overrides(factor: float, seed: int) -> str:
+    return f"ul.stage1.loss_factor={factor:g} seed={seed}"
 
 
 def run_one(work: Path, factor: float, seed: int, threads: int) -> Path:
-    """One (factor, seed) in its own root; returns the root. Skips stages whose metrics exist."""
-    root = work / f"lf{factor:g}-s{seed}"
-    for rel in SHARED:
-        if not (root / rel).exists():
-            shutil.copytree(ROOT / rel, root / rel)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["seed"], params["ul"]["stage1"]["loss_factor"] = seed, factor
-    params["runtime"]["num_threads"] = threads
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    for stage in STAGES:
-        if (root / f"metrics/{stage}.json").is_file():
-            continue
-        with open(root / f"{stage}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "diffrep.cli", "stage", stage, "--params",
-                                 str(root / "params.yaml"), "--root", str(root)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT).returncode
-        if rc:
-            raise SystemExit(f"{root}: stage {stage} exited {rc}; see {root / (stage + '.log')}")
-    return root
+    """One (factor, seed) in its own scratch root (scripts/val_recheck.py's runner); returns the root."""
+    return run_variant("ul", overrides(factor, seed), work, threads)
+
+
+def root_of(work: Path, factor: float, seed: int) -> Path:
+    return variant_root("ul", overrides(factor, seed), work)
 
 
 def samples(root: Path) -> list[torch.Tensor]:
@@ -70,7 +57,7 @@ def table(work: Path, factors: list[float], seeds: list[int], resamples: int) ->
     rows = ["| loss factor | seed | bits/px | PSNR (dB) | FD (featnet) | FD above the val floor |", "|---|---|---|---|---|---|"]
     for f in factors:
         for s in seeds:
-            root = work / f"lf{f:g}-s{s}"
+            root = root_of(work, f, s)
             u = json.loads((root / "metrics/ul_stage1.json").read_text())
             g = json.loads((root / "metrics/generation_eval.json").read_text())
             lo, hi = g["fd_featnet_ci95"]
@@ -82,7 +69,7 @@ def table(work: Path, factors: list[float], seeds: list[int], resamples: int) ->
              "|---|---|---|---|---|---|"]
     for s in seeds:
         for a, b in zip(factors, factors[1:]):
-            fa, fb = samples(work / f"lf{a:g}-s{s}"), samples(work / f"lf{b:g}-s{s}")
+            fa, fb = samples(root_of(work, a, s)), samples(root_of(work, b, s))
             d = distances(ref, {"a": fa, "b": fb}, resamples=resamples, seed=s, pairs=[("a", "b")])
             r = next(x for x in d["paired"] if x["metric"] == "fd")
             tests.append(f"| {s} | {a:g} | {b:g} | {r['diff']:+.3f} | [{r['diff_ci95'][0]:+.3f}, "
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: print it)")
     p.add_argument("--resamples", type=int, default=200, help="bootstrap draws of the paired FD tests")
     a = p.parse_args(argv)
-    for rel in SHARED:
+    for rel in SHARED["ul"]:
         if not (ROOT / rel).exists():
             print(f"ul_tradeoff: {ROOT / rel} is missing; run `dvc repro` first", file=sys.stderr)
             return 2

@@ -26,8 +26,12 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = {"ldae": ("data/prepared",), "ul2": ("data/prepared", "models/ul_stage1", "models/feature_net")}
-STAGES = {"ldae": ("ldae", "linear_probe"), "ul2": ("ul_stage2",)}
+# what -> the pipeline outputs every variant shares, and the stages each variant runs (also used by the
+# study scripts: ul = scripts/ul_tradeoff.py)
+SHARED = {"ldae": ("data/prepared",), "ul2": ("data/prepared", "models/ul_stage1", "models/feature_net"),
+          "ul": ("data/prepared", "models/feature_net", "data/fid_reference")}
+STAGES = {"ldae": ("ldae", "linear_probe"), "ul2": ("ul_stage2",), "ul": ("ul_stage1", "ul_stage2", "generation_eval")}
+CHECKS = ("ldae", "ul2")  # what this script's own command line re-checks
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -40,8 +44,13 @@ def set_key(params: dict, dotted: str, value) -> None:
     node[last] = value
 
 
+def variant_root(what: str, overrides: str, work: Path) -> Path:
+    return work / what / "_".join(o.replace("=", "-") for o in overrides.split())
+
+
 def run_variant(what: str, overrides: str, work: Path, threads: int) -> Path:
-    root = work / what / "_".join(o.replace("=", "-") for o in overrides.split())
+    """Run STAGES[what] in variant_root(...) on params.yaml plus the overrides; skip stages already done."""
+    root = variant_root(what, overrides, work)
     for rel in SHARED[what]:
         if not (root / rel).exists():
             shutil.copytree(ROOT / rel, root / rel)
@@ -97,7 +106,7 @@ def ul2_rows(roots: dict[str, Path], seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=sorted(STAGES), help="ldae: tokenizer/ViT settings; ul2: the stage-2 schedule")
+    p.add_argument("what", choices=CHECKS, help="ldae: tokenizer/ViT settings; ul2: the stage-2 schedule")
     p.add_argument("variants", nargs="+", help="one quoted 'KEY=VALUE KEY=VALUE' string per variant")
     p.add_argument("--work", type=Path, default=Path("/tmp/val-recheck"), help="scratch roots (outside the repo)")
     p.add_argument("--threads", type=int, default=0, help="runtime.num_threads of the variants (0: all cores)")
