@@ -10,7 +10,6 @@ times, recompute, take the 2.5% and 97.5% quantiles. Every resampling is seeded.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,11 +43,6 @@ def bootstrap_mean(scores: torch.Tensor, *, resamples: int, seed: int) -> tuple[
     """Percentile interval of the mean of per-image scores (N,), resampling images."""
     idx = resample_indices(len(scores), resamples, seed)
     return percentile(scores.double()[idx].mean(1).numpy())
-
-
-def bootstrap(statistic: Callable[[torch.Tensor], float], n: int, *, resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile interval of statistic(indices) over B bootstrap index draws of n rows."""
-    return percentile([statistic(i) for i in resample_indices(n, resamples, seed)])
 
 
 def accuracy_summary(correct: torch.Tensor, *, resamples: int, seed: int) -> dict:
