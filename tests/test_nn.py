@@ -249,7 +249,23 @@ def test_encoder_shapes(size, stages):
     assert grid.output_shape == (4, s, s) and grid(x).shape == (2, 4, s, s)
 
 
+def test_encoder_mean_head_pools_the_final_map():
+    """head="mean": z = Linear(global average of the final map), blind to where in the map a feature is."""
+    torch.manual_seed(0)
+    enc = ResNetEncoder(1, 16, width=8, stages=3, out_dim=6, groups=4, head="mean")
+    x = torch.randn(3, 1, 16, 16)
+    h = enc.body(x)  # (B, 32, 4, 4)
+    assert enc.head.in_features == 32
+    torch.testing.assert_close(enc(x), enc.head(h.mean((2, 3))))
+    flat = ResNetEncoder(1, 16, width=8, stages=3, out_dim=6, groups=4)
+    assert flat.head.in_features == 32 * 16
+
+
 def test_encoder_bad_inputs():
+    with pytest.raises(ValueError, match="head must be"):
+        ResNetEncoder(1, 16, output="grid", grid_channels=4, head="mean")
+    with pytest.raises(ValueError, match="head must be"):
+        ResNetEncoder(1, 16, head="max")
     with pytest.raises(ValueError, match="divisible by 2"):
         ResNetEncoder(1, 28, stages=4)
     with pytest.raises(ValueError, match="grid_channels"):

@@ -128,6 +128,7 @@ class SodaConfig(Section):
     pose_drop: float = Field(0.1, ge=0, lt=1)  # ... and, independently, the pose
     guidance: float = Field(0.3, ge=0)  # w in eps = (1+w) eps(c) - w eps(null)
     encoder: EncoderConfig = EncoderConfig(width=16)
+    encoder_head: Literal["flatten", "mean"] = "flatten"  # final map -> z: flatten or global average pool, then Linear
     unet: UNetConfig = UNetConfig(channels=16, channel_mult=(1, 2, 4))
     diffusion: DiffusionConfig = DiffusionConfig(sample_steps=25)
     train: TrainConfig = TrainConfig(steps=1200, ema_decay=0.995, ckpt_every=250, log_every=25)

@@ -24,7 +24,8 @@ class Soda(nn.Module):
         if H != W:
             raise ValueError(f"SODA expects square images, got {H}x{W}")
         self.cfg, self.image_shape, self.pose_dim = cfg, tuple(image_shape), pose_dim
-        self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, out_dim=cfg.z_dim, output="vector")
+        self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, out_dim=cfg.z_dim, output="vector",
+                                                   head=cfg.encoder_head)
         self.decoder = UNet.from_config(cfg.unet, C, C, H, z_dim=cfg.z_dim, pose_dim=pose_dim)
         self.n_groups = len(cfg.unet.channel_mult)  # one z sub-vector per resolution level
         self.schedule = schedule_of(cfg.diffusion)
