@@ -3,12 +3,14 @@
 
     python scripts/val_recheck.py ldae 'ldae.vit.patch_size=4 ldae.pca_dim=8 ldae.vit.dim=64'
     python scripts/val_recheck.py ul2 'ul.stage2.diffusion.schedule=cosine ul.stage2.diffusion.shift=1.0'
+    python scripts/val_recheck.py soda 'soda.encoder_head=mean'
 
 Needs main's pipeline outputs (`dvc repro`). Each variant (one quoted string of KEY=VALUE
 overrides on params.yaml) runs in a scratch root under --work, sharing main's data/prepared
 (and, for ul2, models/ul_stage1 and models/feature_net), and is compared with main on val only:
   ldae  the `ldae` stage, then `linear_probe`; val accuracy of the chosen probe lr and kNN k
         (`chosen_on_val` in metrics/linear_probe.json), beside main's;
+  soda  the same for the `soda` stage;
   ul2   the `ul_stage2` stage; 500 samples of main's and the variant's base model against the
         500 real val images in the feature-net space, FD with a paired bootstrap (eval/distances.py).
 Test images are never read for the choice.
@@ -27,11 +29,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # what -> the pipeline outputs every variant shares, and the stages each variant runs (also used by the
-# study scripts: ul = scripts/ul_tradeoff.py)
-SHARED = {"ldae": ("data/prepared",), "ul2": ("data/prepared", "models/ul_stage1", "models/feature_net"),
+# study scripts: ul = scripts/ul_tradeoff.py, ldae and soda = scripts/ablation.py)
+SHARED = {"ldae": ("data/prepared",), "soda": ("data/prepared",), "ul2": ("data/prepared", "models/ul_stage1", "models/feature_net"),
           "ul": ("data/prepared", "models/feature_net", "data/fid_reference")}
-STAGES = {"ldae": ("ldae", "linear_probe"), "ul2": ("ul_stage2",), "ul": ("ul_stage1", "ul_stage2", "generation_eval")}
-CHECKS = ("ldae", "ul2")  # what this script's own command line re-checks
+STAGES = {"ldae": ("ldae", "linear_probe"), "soda": ("soda", "linear_probe"), "ul2": ("ul_stage2",), "ul": ("ul_stage1", "ul_stage2", "generation_eval")}
+CHECKS = ("ldae", "soda", "ul2")  # what this script's own command line re-checks
 
 
 def set_key(params: dict, dotted: str, value) -> None:
@@ -73,10 +75,10 @@ def run_variant(what: str, overrides: str, work: Path, threads: int) -> Path:
     return root
 
 
-def ldae_rows(roots: dict[str, Path]) -> list[str]:
-    rows = ["| l-DAE | val linear probe (lr) | val kNN (k) |", "|---|---|---|"]
+def probe_rows(rep: str, roots: dict[str, Path]) -> list[str]:
+    rows = [f"| {rep} | val linear probe (lr) | val kNN (k) |", "|---|---|---|"]
     for name, root in roots.items():
-        c = json.loads((root / "metrics/linear_probe.json").read_text())["representations"]["ldae"]["chosen_on_val"]
+        c = json.loads((root / "metrics/linear_probe.json").read_text())["representations"][rep]["chosen_on_val"]
         rows.append(f"| {name} | {100 * c['val_linear']:.1f}% ({c['lr']:g}) | {100 * c['val_knn']:.1f}% ({c['knn_k']}) |")
     return rows
 
@@ -106,7 +108,7 @@ def ul2_rows(roots: dict[str, Path], seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=CHECKS, help="ldae: tokenizer/ViT settings; ul2: the stage-2 schedule")
+    p.add_argument("what", choices=CHECKS, help="ldae / soda: that stage's settings, by val probe and kNN; ul2: the stage-2 schedule")
     p.add_argument("variants", nargs="+", help="one quoted 'KEY=VALUE KEY=VALUE' string per variant")
     p.add_argument("--work", type=Path, default=Path("/tmp/val-recheck"), help="scratch roots (outside the repo)")
     p.add_argument("--threads", type=int, default=0, help="runtime.num_threads of the variants (0: all cores)")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     roots = {"main": ROOT} | {v: run_variant(a.what, v, a.work, a.threads) for v in a.variants}
     seed = yaml.safe_load((ROOT / "params.yaml").read_text())["seed"]
-    print("\n".join(ldae_rows(roots) if a.what == "ldae" else ul2_rows(roots, seed)))
+    print("\n".join(ul2_rows(roots, seed) if a.what == "ul2" else probe_rows(a.what, roots)))
     return 0
 
 

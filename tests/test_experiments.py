@@ -231,14 +231,15 @@ def test_failed_experiment_fails_the_flow_after_publishing(prefect_server, fake_
     assert [(r["experiment"], r["state"]) for r in table] == [("baseline", "ok"), ("neg", "failed")]
 
 
-@pytest.mark.parametrize("script, flag", [("ul_tradeoff.py", "--factors"), ("ldae_noise_space.py", "--seeds")])
-def test_study_scripts_help_and_refuse_to_run_without_the_pipeline_outputs(tmp_path, script, flag):
+@pytest.mark.parametrize("script, flag, args", [("ul_tradeoff.py", "--factors", []),
+                                               ("ablation.py", "--seeds", ["soda", "soda.views", "augment", "same"])])
+def test_study_scripts_help_and_refuse_to_run_without_the_pipeline_outputs(tmp_path, script, flag, args):
     path = Path(__file__).resolve().parents[1] / "scripts" / script
     out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and flag in out.stdout and "--seeds" in out.stdout
     # a copy of the scripts in a tree without data/prepared: refused before anything runs
     shutil.copytree(path.parent, tmp_path / "scripts")
-    out = subprocess.run([sys.executable, str(tmp_path / "scripts" / script), "--work", str(tmp_path / "w")],
+    out = subprocess.run([sys.executable, str(tmp_path / "scripts" / script), *args, "--work", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "data/prepared is missing; run `dvc repro` first" in out.stderr
     assert not (tmp_path / "w").exists()
