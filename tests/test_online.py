@@ -145,3 +145,7 @@ def test_ldae_stage_selects_the_best_step_and_records_it(prepared_digits, tmp_pa
     again = probe.choose((fn(prep.images_float("train")), fn(prep.images_float("val"))),
                          torch.from_numpy(prep.labels("val")), linear=False)
     assert again["val_knn"] == pytest.approx(on["val_knn_selected"], abs=1e-6)
+
+    off = c.ldae.model_copy(update={"train": c.ldae.train.model_copy(update={"eval_every": 0, "select": "last"})})
+    assert "online" not in ldae.run(c.model_copy(update={"ldae": off}), tmp_path)  # off: no summary; the declared
+    assert (tmp_path / "metrics/ldae_online.tsv").read_text() == "step\tval_knn\tknn_k\teval_s\n"  # plot: header only

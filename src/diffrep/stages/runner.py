@@ -54,6 +54,7 @@ class StageContext:
     t0: float
     resume: dict[str, Any] | None = None  # set by train(): what happened to the resume checkpoints
     online: dict[str, Any] | None = None  # set by train() with train.eval_every: the val kNN summary and selection
+    online_curve: Path | None = None  # set by online_eval(): a representation stage writes its curve, on or off
 
     @property
     def is_main(self) -> bool:
@@ -179,7 +180,9 @@ def online_curve(name: str) -> Path:
 
 
 def online_eval(ctx: StageContext, prep, kind: str, train_cfg: TrainConfig):
-    """The online val-kNN evaluator of a representation stage (train/online.py); None when train.eval_every is 0."""
+    """The online val-kNN evaluator of a representation stage (train/online.py); None when train.eval_every is 0
+    (the stage still writes its curve file, header only: it is a declared output in dvc.yaml)."""
+    ctx.online_curve = ctx.path(online_curve(ctx.name))
     if not train_cfg.eval_every:
         return None
     from diffrep.eval.features import feature_fn
@@ -190,7 +193,7 @@ def online_eval(ctx: StageContext, prep, kind: str, train_cfg: TrainConfig):
     probe = Probe(ctx.cfg.probe, torch.from_numpy(prep.labels("train")), prep.num_classes, ctx.cfg.seed)
     return OnlineEval(lambda m: feature_fn(m, kind, device=dev), probe, prep.images_float("train"),
                       prep.images_float("val"), torch.from_numpy(prep.labels("val")), train_cfg,
-                      curve_path=ctx.path(online_curve(ctx.name)))
+                      curve_path=ctx.online_curve)
 
 
 def resume_record(ctx: StageContext, result, steps: int) -> dict[str, Any]:
@@ -236,7 +239,12 @@ def finish_training(ctx: StageContext, metrics: dict[str, Any], *, params: dict[
     outputs = [ctx.path(out_dir), ctx.path(f"metrics/{ctx.name}_loss.tsv")]
     if ctx.online:
         metrics = {**metrics, "online": ctx.online}
-        outputs.append(ctx.path(online_curve(ctx.name)))
+    if ctx.online_curve is not None:
+        if not ctx.online:  # evaluation off: the declared plot file holds the header only
+            from diffrep.train.online import write_curve
+
+            write_curve(ctx.online_curve, [])
+        outputs.append(ctx.online_curve)
     out = finish(ctx, metrics, params=params, inputs=inputs, outputs=outputs)
     discard_checkpoints(ckpt_dir)
     return out

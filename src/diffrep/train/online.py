@@ -38,6 +38,12 @@ FeatureFactory = Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]  
 COLUMNS = ("step", "val_knn", "knn_k", "eval_s")
 
 
+def write_curve(path: Path, rows: list[list[float]]) -> None:
+    """The `dvc plots` file: a header and one row per evaluation (just the header when the evaluation is off)."""
+    lines = ["\t".join(COLUMNS)] + [f"{int(s)}\t{a:.6g}\t{int(k)}\t{t:.3f}" for s, a, k, t in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
 class OnlineEval:
     def __init__(self, features: FeatureFactory, probe: Probe, train_x: torch.Tensor, val_x: torch.Tensor,
                  val_y: torch.Tensor, cfg: TrainConfig, *, curve_path: Path | None = None):
@@ -95,10 +101,8 @@ class OnlineEval:
 
     # ------------------------------------------------------------ called by the stage after fit
     def write_curve(self) -> None:
-        if self.curve_path is None:
-            return
-        lines = ["\t".join(COLUMNS)] + [f"{int(s)}\t{a:.6g}\t{int(k)}\t{t:.3f}" for s, a, k, t in self.rows]
-        write_text(self.curve_path, "\n".join(lines) + "\n")
+        if self.curve_path is not None:
+            write_curve(self.curve_path, self.rows)
 
     def finish(self, ema: nn.Module) -> dict[str, Any]:
         """Load the selected weights into `ema` (select: best), write the curve; -> the summary."""
