@@ -21,7 +21,8 @@ Determinism
     with bit-identical weights to an uninterrupted run (tests/test_engine.py).
     Damaged checkpoints are refused by name (checkpoint.py); SIGTERM/SIGINT checkpoint, then exit 128 + signum.
     Sampling for TensorBoard runs under a forked, fixed-seed RNG so it never
-    perturbs training. (Exactness assumes the same torch build and threads.)
+    perturbs training; the optional `online` evaluator (train/online.py) runs the same way, after a step and
+    before its checkpoint, and its state is part of the checkpoint. (Exactness assumes the same torch build, threads.)
     DDP: only rank 0 writes (checkpoint, TSV, TensorBoard, progress bar).
 
 Schedule and EMA
