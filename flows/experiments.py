@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from diffrep.audit import dvc_executable, flatten
+from diffrep.audit import dvc_executable
 from flows.pipeline import dvc_env, run_streamed
 
 # The numbers people compare across experiments: metrics file -> keys. Those absent are left out.
@@ -38,8 +37,9 @@ HEADLINE = {
     "metrics/generation_eval.json": ("fd_featnet", "fd_featnet_ratio", "kid_featnet"),
     "metrics/linear_probe.json": ("probe_soda", "knn_soda", "probe_ul", "probe_ldae", "knn_ldae", "probe_raw_pixels",
                                   "knn_raw_pixels"),
-    "metrics/soda.json": ("recon_psnr",),
-    "metrics/ul_stage1.json": ("bits_per_pixel", "recon_psnr"),
+    "metrics/soda.json": ("recon_psnr", "online.val_knn_selected", "online.selected_step"),
+    "metrics/ul_stage1.json": ("bits_per_pixel", "recon_psnr", "online.val_knn_selected"),
+    "metrics/ldae.json": ("online.val_knn_selected", "online.selected_step"),
     "metrics/feature_net.json": ("test_accuracy",),
 }
 
@@ -115,51 +115,63 @@ def run_queue(root: str, jobs: int, timeout_s: float | None, flow_run_id: str | 
 
 
 def exp_show(root: Path) -> list[dict[str, Any]]:
-    """`dvc exp show --json` (experiments of the current commit)."""
-    out = subprocess.run([dvc_executable(), "exp", "show", "--json"], cwd=root, capture_output=True, text=True,
-                         env=dvc_env(dvc_executable()), timeout=600)
-    if out.returncode != 0:
-        raise ExperimentFailed(f"`dvc exp show --json` failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout)
+    """dvc.api.exp_show(): one flat row per commit and experiment of the current commit."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return dvc.api.exp_show(repo=str(root))
+    except DvcException as e:
+        raise ExperimentFailed(f"dvc.api.exp_show({str(root)!r}) failed: {e}") from e
 
 
 # ---------------------------------------------------------------- the comparison table
+MISSING = ("!", "-", "")  # how exp_show marks a value a row does not have
+
+
 def _runs(show: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """(the baseline commit's entry, {experiment name: its entry}) from `dvc exp show --json`."""
-    commits = [e for e in show if e.get("rev") != "workspace"]
-    if not commits:
-        return None, {}
-    base = commits[0]
-    exps = {}
-    for group in base.get("experiments") or []:
-        for rev in group.get("revs") or []:
-            exps[rev.get("name") or group.get("name") or rev["rev"][:7]] = rev
-    return base, exps
+    """(the baseline commit's row, {experiment name: its row}) from dvc.api.exp_show()."""
+    commits = [r for r in show if r.get("typ") == "baseline" and r.get("rev") != "workspace"]
+    exps = {r.get("Experiment") or str(r.get("rev"))[:7]: r for r in show if str(r.get("typ", "")).startswith("branch")}
+    return (commits[0] if commits else None), exps
 
 
-def _values(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(params as dotted keys, {metrics file: its metrics without the lineage block})."""
-    data = entry.get("data") or {}
-    params: dict[str, Any] = {}
-    for f in (data.get("params") or {}).values():
-        params.update(flatten(f.get("data") or {}))
-    metrics = {path: {k: v for k, v in (m.get("data") or {}).items() if k != "lineage"}
-               for path, m in (data.get("metrics") or {}).items()}
-    return params, metrics
+def _metrics_files(row: dict[str, Any]) -> set[str]:
+    """Metrics files DVC named in the row (every diffrep metrics file has lineage.*, a key they share)."""
+    return {c.split(":", 1)[0] for c in row if ":" in c and c.split(":", 1)[0].endswith(".json")}
 
 
-def metric_columns(metrics: list[dict[str, dict[str, Any]]]) -> list[tuple[str, str]]:
-    """(file, key) pairs to show: the HEADLINE ones present; else every top-level number (other projects)."""
-    present = {(f, k) for m in metrics for f, vals in m.items() for k in vals}
-    cols = [(f, k) for f, keys in HEADLINE.items() for k in keys if (f, k) in present]
+def _get(row: dict[str, Any], name: str, file: str | None = None) -> Any:
+    """A value by DVC's column name: `file:key` where two files share the key, else the bare key.
+
+    A bare metric key is taken for `file` only if that file is in the row (or the row names no file: a
+    project with one metrics file) and no other HEADLINE file in the row lists the same key, so one
+    file's recon_psnr is never shown as another's.
+    """
+    cols = [f"{file}:{name}"] if file else [name, f"params.yaml:{name}"]
+    files = _metrics_files(row)
+    if file and (not files or file in files) and not any(f != file and name in keys and f in files
+                                                         for f, keys in HEADLINE.items()):
+        cols.append(name)
+    for col in cols:
+        if col in row:
+            v = row[col]
+            return None if isinstance(v, str) and v in MISSING else v
+    return None
+
+
+def metric_columns(rows: list[dict[str, Any]], params: list[str]) -> list[tuple[str | None, str]]:
+    """(file, key) pairs to show: the HEADLINE ones present; else every number but the swept params and lineage."""
+    cols = [(f, k) for f, keys in HEADLINE.items() for k in keys if any(_get(r, k, f) is not None for r in rows)]
     if cols:
         return cols
-    return sorted({(f, k) for m in metrics for f, vals in m.items() for k, v in vals.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    skip = {"rev", *params, *(f"params.yaml:{p}" for p in params)}
+    return sorted({(None, c) for r in rows for c, v in r.items() if c not in skip and "lineage." not in c
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def _column(file: str, key: str) -> str:
-    return f"{Path(file).stem}.{key}"  # metrics/soda.json, knn_z -> soda.knn_z
+def _column(file: str | None, key: str) -> str:
+    return f"{Path(file).stem}.{key}" if file else key  # metrics/soda.json, knn_z -> soda.knn_z
 
 
 def comparison_rows(show: list[dict[str, Any]], names: list[str], params: list[str]) -> list[dict[str, Any]]:
@@ -169,15 +181,13 @@ def comparison_rows(show: list[dict[str, Any]], names: list[str], params: list[s
     """
     base, exps = _runs(show)
     entries = ([("baseline", base)] if base else []) + [(n, exps.get(n)) for n in names]
-    values = {n: _values(e) for n, e in entries if e is not None}
-    cols = metric_columns([m for _, m in values.values()])
+    cols = metric_columns([e for _, e in entries if e is not None], params)
     rows = []
     for name, entry in entries:
-        row: dict[str, Any] = {"experiment": name, "rev": (entry or {}).get("rev", "")[:7],
+        row: dict[str, Any] = {"experiment": name, "rev": str((entry or {}).get("rev") or "")[:7],
                                "state": "ok" if entry is not None else "failed"}
-        p, m = values.get(name, ({}, {}))
-        row.update({k: p.get(k) for k in params})
-        row.update({_column(f, k): m.get(f, {}).get(k) for f, k in cols})
+        row.update({k: _get(entry or {}, k) for k in params})
+        row.update({_column(f, k): _get(entry or {}, k, f) for f, k in cols})
         rows.append(row)
     return rows
 

@@ -70,21 +70,30 @@ def test_expand_sweep_is_the_product_of_every_set():
 def test_comparison_rows_from_exp_show_json():
     from flows.experiments import comparison_rows
 
-    def entry(rev, name, lr, metrics):
-        return {"rev": rev, "name": name, "data": {
-            "params": {"params.yaml": {"data": {"train": {"lr": lr}, "seed": 0}}},
-            "metrics": {"metrics/soda.json": {"data": {**metrics, "lineage": {"stage": "soda", "seed": 0}}},
-                        "metrics/other.json": {"error": {"type": "FileNotFoundError"}}}}}
+    # dvc.api.exp_show() rows: a key two files share is named `file:key`, a unique one is bare; "!" = absent
+    def row(typ, rev, name, lr, psnr, **more):
+        return {"Experiment": name, "rev": rev, "typ": typ, "train.lr": lr, "metrics/soda.json:recon_psnr": psnr,
+                "metrics/soda.json:lineage.stage": "soda", "metrics/ul_stage1.json:lineage.stage": "ul_stage1",
+                "metrics/ul_stage1.json:recon_psnr": "!", "metrics/linear_probe.json:lineage.stage": "linear_probe",
+                **more}
 
-    show = [{"rev": "workspace", "name": None, "data": {}},
-            {**entry("aaaaaaa111", "main", 0.1, {"recon_psnr": 0.9, "steps": 5}),
-             "experiments": [{"name": "s-1", "revs": [entry("bbbbbbb222", "s-1", 0.2, {"recon_psnr": 0.8})]}]}]
+    show = [row("baseline", "workspace", None, 0.1, 0.9, probe_soda=0.5),
+            row("baseline", "aaaaaaa111", None, 0.1, 0.9, probe_soda=0.5, steps=5),
+            row("branch_commit", "bbbbbbb222", "s-1", 0.2, 0.8, probe_soda="!")]
     rows = comparison_rows(show, ["s-1", "s-2"], ["train.lr"])
     assert rows == [
-        {"experiment": "baseline", "rev": "aaaaaaa", "state": "ok", "train.lr": 0.1, "soda.recon_psnr": 0.9},
-        {"experiment": "s-1", "rev": "bbbbbbb", "state": "ok", "train.lr": 0.2, "soda.recon_psnr": 0.8},
-        {"experiment": "s-2", "rev": "", "state": "failed", "train.lr": None, "soda.recon_psnr": None},
-    ]  # headline metrics only (recon_psnr, not steps); s-2 failed: DVC does not list it
+        {"experiment": "baseline", "rev": "aaaaaaa", "state": "ok", "train.lr": 0.1, "linear_probe.probe_soda": 0.5,
+         "soda.recon_psnr": 0.9},
+        {"experiment": "s-1", "rev": "bbbbbbb", "state": "ok", "train.lr": 0.2, "linear_probe.probe_soda": None,
+         "soda.recon_psnr": 0.8},
+        {"experiment": "s-2", "rev": "", "state": "failed", "train.lr": None, "linear_probe.probe_soda": None,
+         "soda.recon_psnr": None},
+    ]  # headline metrics only (not steps); ul_stage1's recon_psnr absent everywhere; s-2 failed: DVC does not list it
+    # a bare key is never given to a file that is not in the row: soda's bits_per_pixel is not ul_stage1's
+    only_soda = [{"Experiment": None, "rev": "c" * 9, "typ": "baseline", "bits_per_pixel": 1.0, "recon_psnr": 7.0,
+                  "metrics/soda.json:lineage.stage": "soda"}]
+    assert comparison_rows(only_soda, [], []) == [
+        {"experiment": "baseline", "rev": "ccccccc", "state": "ok", "soda.recon_psnr": 7.0}]
 
 
 def test_cli_help_and_usage_errors(capsys):

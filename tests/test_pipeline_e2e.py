@@ -29,6 +29,7 @@ TINY = {
     },
     "feature_net": {"width": 8, "train": {"steps": 10, "batch_size": 64, "ckpt_every": 100, "log_every": 5}},
     "eval": {"batch_size": 250},  # fid_reference's one param
+    "probe": {"knn_k": [10, 20, 50], "knn_temperature": 0.07},  # soda's online val kNN settings (off here)
 }
 STAGES = ["prepare", "soda", "feature_net", "fid_reference"]
 

@@ -34,11 +34,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from diffrep.config import ConfigError
     from diffrep.data.sources import SourceError
     from diffrep.data.validate import DataValidationError
+    from diffrep.embed import EmbedError
     from diffrep.io import ArtifactError
     from diffrep.stages.runner import StageLocked
     from diffrep.train.engine import NonFiniteLossError
 
-    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked
+    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked, EmbedError
 
 
 def _load_params(path: str):
@@ -97,6 +98,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return main_sample(args)
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from diffrep.embed import main_embed, main_export
+
+    try:
+        return (main_embed if args.command == "embed" else main_export)(args)
+    except user_errors() as e:
+        print(f"diffrep {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffrep", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--root", default=".", help="repository root holding models/ul_stage1 and models/ul_stage2")
     s.set_defaults(func=_cmd_sample)
+
+    s = sub.add_parser("embed", help="features of a trained encoder (pooled as the probes pool them), with ids + manifest")
+    s.add_argument("model", help="a model folder: models/soda, models/ul_stage1 or models/ldae")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a folder of images (searched recursively) of the model's channels and size")
+    src.add_argument("--split", choices=["train", "val", "test"], help="a split of data/prepared under --root")
+    s.add_argument("--out", required=True, help="FILE.npy (+ FILE.json with ids and manifest) or FILE.pt")
+    s.add_argument("--root", default=".", help="repository root holding data/prepared (for --split)")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.set_defaults(func=_cmd_embed)
+
+    s = sub.add_parser("export-encoder", help="the encoder's weights alone, as safetensors, for use outside diffrep")
+    s.add_argument("model", help="a model folder: models/soda, models/ul_stage1 or models/ldae")
+    s.add_argument("--out", required=True, help="FILE.safetensors")
+    s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser(
         "lineage",

@@ -77,6 +77,16 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0)  # TensorBoard sample grid every N steps; 0: only at the end
     time_budget_s: float = Field(0, ge=0)  # 0: no budget; else stop early (recorded in metrics)
+    # online representation quality (train/online.py): val kNN of the EMA features every N steps; 0: off.
+    # Only the representation learners (soda, ul.stage1, ldae) measure it; elsewhere it must stay 0.
+    eval_every: int = Field(0, ge=0)
+    select: Literal["last", "best"] = "last"  # best: keep the EMA weights of the step with the best val kNN
+
+    @model_validator(mode="after")
+    def _select_needs_eval(self) -> "TrainConfig":
+        if self.select == "best" and not self.eval_every:
+            raise ValueError("train.select: best needs train.eval_every > 0 (nothing is measured to choose from)")
+        return self
 
 
 # ---------------------------------------------------------------- networks
@@ -131,7 +141,7 @@ class SodaConfig(Section):
     encoder_head: Literal["flatten", "mean"] = "flatten"  # final map -> z: flatten or global average pool, then Linear
     unet: UNetConfig = UNetConfig(channels=16, channel_mult=(1, 2, 4))
     diffusion: DiffusionConfig = DiffusionConfig(sample_steps=25)
-    train: TrainConfig = TrainConfig(steps=1200, ema_decay=0.995, ckpt_every=250, log_every=25)
+    train: TrainConfig = TrainConfig(steps=1200, ema_decay=0.995, ckpt_every=250, log_every=25, eval_every=200)
     eval_images: int = Field(200, ge=1)  # test images used for reconstruction PSNR/SSIM
 
 
@@ -149,7 +159,7 @@ class UlStage1Config(Section):
     # weighting: sigmoid (or elbo); sigmoid_bias is b in sigmoid(b - lambda); v-prediction (see models/ul.py)
     decoder_diffusion: DiffusionConfig = DiffusionConfig(schedule="cosine", parameterization="v", weighting="sigmoid",
                                                          sigmoid_bias=2.0, sample_steps=32)
-    train: TrainConfig = TrainConfig(steps=600, ema_decay=0.995, ckpt_every=200, log_every=25)
+    train: TrainConfig = TrainConfig(steps=600, ema_decay=0.995, ckpt_every=200, log_every=25, eval_every=100)
     eval_images: int = Field(500, ge=1)  # test images (evenly spaced over the split) for bits/px, PSNR, SSIM
 
 
@@ -194,7 +204,7 @@ class LdaeConfig(Section):
     augment: ViewsConfig | None = None
     vit: ViTConfig = ViTConfig(patch_size=8, dim=128, depth=6)
     train: TrainConfig = TrainConfig(steps=1500, batch_size=128, lr=4e-3, warmup_steps=50, ema_decay=0.99,
-                                     ckpt_every=250, log_every=25)
+                                     ckpt_every=250, log_every=25, eval_every=250)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -15,6 +15,22 @@ def batched(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size:
     return torch.cat(out)
 
 
+# model kind -> the method giving its probe features: SODA z, UL clean latent (flattened), l-DAE pooled tokens
+FEATURE_METHODS = {"soda": "encode", "ul_stage1": "features", "ldae": "features"}
+
+
+def feature_fn(net: torch.nn.Module, kind: str, *, device: torch.device | str = "cpu",
+               batch_size: int = 500) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images (N, C, H, W) in [-1, 1] -> features (N, D) of a frozen `kind` model, exactly as every probe reads them.
+
+    The one definition used by the linear_probe stage, the online evaluation during training and `diffrep embed`.
+    """
+    if kind not in FEATURE_METHODS:
+        raise ValueError(f"no probe features for a {kind!r} model; expected one of {', '.join(FEATURE_METHODS)}")
+    method = getattr(net, FEATURE_METHODS[kind])
+    return lambda x: batched(method, x, batch_size=batch_size, device=device).flatten(1)
+
+
 def quantise(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> the nearest of the 256 levels the prepared data can take (no gap from bit depth)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1

@@ -41,15 +41,16 @@ def run(cfg: Config, root: Path) -> dict | None:
         model = Ldae(cfg.ldae, prep.image_shape)
         model.fit_tokenizer(train_x, seed=cfg.seed)  # deterministic: every DDP rank fits the same PCA
         set_attention_backend(model, ctx.runtime.attention)
-        params = runner.section_params(cfg, "ldae")
+        params = runner.section_params(cfg, "ldae", *runner.ONLINE_PARAMS)
         inputs = [ctx.path(PREPARED)]
 
         def sample_fn(ema: Ldae) -> torch.Tensor:  # TensorBoard: 8 noisy val inputs, then their predictions
             g = grid_images(ema, val_x[:8].to(ctx.runtime.device), cfg.seed)
             return torch.cat([g[0::3], g[1::3]])
 
+        online = runner.online_eval(ctx, prep, "ldae", cfg.ldae.train)  # val kNN of the pooled tokens in training
         result, ckpt_dir = runner.train(ctx, model, cfg.ldae.train, {"images": train_x}, params=params,
-                                        inputs=inputs, sample_fn=sample_fn)
+                                        inputs=inputs, sample_fn=sample_fn, online=online)
         if not ctx.is_main:
             return None
         ema = result.ema

@@ -32,7 +32,7 @@ import torch
 
 from diffrep.config import Config
 from diffrep.data.prepared import load_prepared
-from diffrep.eval.features import batched, fit_pca
+from diffrep.eval.features import feature_fn, fit_pca
 from diffrep.eval.knn_study import knn_by_normalization
 from diffrep.eval.plots import bar_chart
 from diffrep.eval.probe import Probe, comparisons
@@ -45,11 +45,11 @@ from diffrep.train.rng import derive_seed
 PREPARED = Path("data/prepared")
 BARS = Path("metrics/linear_probe_bars.csv")
 OUT = Path("results/linear_probe")
-# representation -> (model folder, artifact kind, feature method)
+# representation -> (model folder, artifact kind); each kind's features: eval/features.py FEATURE_METHODS
 ENCODERS = {
-    "soda": ("models/soda", "soda", "encode"),
-    "ul": ("models/ul_stage1", "ul_stage1", "features"),
-    "ldae": ("models/ldae", "ldae", "features"),
+    "soda": ("models/soda", "soda"),
+    "ul": ("models/ul_stage1", "ul_stage1"),
+    "ldae": ("models/ldae", "ldae"),
 }
 SPLITS = ("train", "val", "test")
 
@@ -65,22 +65,21 @@ def representations(ctx, cfg: Config, x_train: torch.Tensor) -> tuple[dict, dict
     fns: dict[str, list[Callable]] = {}
     groups, missing, inputs = {}, [], []
 
-    def feature_fn(net: torch.nn.Module, method: str) -> Callable:
+    def features(net: torch.nn.Module, kind: str) -> Callable:
         set_attention_backend(net, ctx.runtime.attention)
-        fn = getattr(net.to(dev), method)
-        return lambda x: batched(fn, x, device=dev).flatten(1)
+        return feature_fn(net.to(dev), kind, device=dev)
 
-    for name, (folder, kind, method) in ENCODERS.items():
+    for name, (folder, kind) in ENCODERS.items():
         path = ctx.path(folder)
         if not (path / artifact.FILE).is_file():
             missing.append(name)
             print(f"[linear_probe] {folder} not found: skipping {name} (run its stage to include it)")
             continue
         inputs.append(path)
-        fns[name], groups[name] = [feature_fn(build_encoder(path, kind), method)], "diffusion"
+        fns[name], groups[name] = [features(build_encoder(path, kind), kind)], "diffusion"
         if p.random_init:
             fns[f"{name}_random_init"] = [
-                feature_fn(build_encoder(path, kind, derive_seed("random-init", cfg.seed, name, s)), method)
+                features(build_encoder(path, kind, derive_seed("random-init", cfg.seed, name, s)), kind)
                 for s in p.seeds]
             groups[f"{name}_random_init"] = "baseline"
     pca = fit_pca(x_train.flatten(1), dim=p.pca_dim, seed=cfg.seed)

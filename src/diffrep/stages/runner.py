@@ -53,6 +53,8 @@ class StageContext:
     started: str
     t0: float
     resume: dict[str, Any] | None = None  # set by train(): what happened to the resume checkpoints
+    online: dict[str, Any] | None = None  # set by train() with train.eval_every: the val kNN summary and selection
+    online_curve: Path | None = None  # set by online_eval(): a representation stage writes its curve, on or off
 
     @property
     def is_main(self) -> bool:
@@ -139,10 +141,18 @@ def fingerprint(ctx: StageContext, params: dict[str, Any], inputs: Iterable[Path
 
 def train(ctx: StageContext, model: torch.nn.Module, train_cfg: TrainConfig, data: dict[str, torch.Tensor], *,
           params: dict[str, Any], inputs: Iterable[Path], sample_fn: Callable | None = None,
-          progress: bool = True):
-    """Run the one training engine with this stage's checkpoint folder, logs and loss curve."""
+          progress: bool = True, online=None):
+    """Run the one training engine with this stage's checkpoint folder, logs and loss curve.
+
+    online: an OnlineEval (see online_eval()) for a stage that learns a representation; required when
+    train.eval_every > 0, so that a stage without a representation refuses the key instead of ignoring it.
+    """
     from diffrep.nn import set_attention_backend
     from diffrep.train import Trainer
+
+    if train_cfg.eval_every and online is None:
+        raise ValueError(f"stage {ctx.name}: train.eval_every={train_cfg.eval_every}, but this stage learns no "
+                         "representation to measure; set its train.eval_every to 0 (and train.select to last)")
 
     set_attention_backend(model, ctx.runtime.attention)  # runtime.attention reaches every attention layer
     fp = fingerprint(ctx, params, inputs)
@@ -151,10 +161,39 @@ def train(ctx: StageContext, model: torch.nn.Module, train_cfg: TrainConfig, dat
         model, train_cfg, ctx.runtime, data, seed=ctx.cfg.seed, ckpt_dir=ckpt_dir, fingerprint=fp,
         run_name=ctx.name, log_dir=ctx.path(f"runs/{ctx.name}"),
         loss_curve_path=ctx.path(f"metrics/{ctx.name}_loss.tsv"), sample_fn=sample_fn, progress=progress,
+        online=online,
     )
     result = trainer.fit()
     ctx.resume = resume_record(ctx, result, train_cfg.steps)
+    if online is not None and ctx.is_main:
+        ctx.online = online.finish(result.ema)  # select: best -> the EMA weights of the best val kNN step
+        print(f"[{ctx.name}] online val kNN: " + " ".join(f"{int(r[0])}:{r[1]:.3f}" for r in online.rows)
+              + f"; select={train_cfg.select} -> step {ctx.online.get('selected_step')}", file=sys.stderr)
     return result, ckpt_dir
+
+
+ONLINE_PARAMS = ("probe.knn_k", "probe.knn_temperature")  # what the online kNN reads besides the stage's section
+
+
+def online_curve(name: str) -> Path:
+    return Path(f"metrics/{name}_online.tsv")
+
+
+def online_eval(ctx: StageContext, prep, kind: str, train_cfg: TrainConfig):
+    """The online val-kNN evaluator of a representation stage (train/online.py); None when train.eval_every is 0
+    (the stage still writes its curve file, header only: it is a declared output in dvc.yaml)."""
+    ctx.online_curve = ctx.path(online_curve(ctx.name))
+    if not train_cfg.eval_every:
+        return None
+    from diffrep.eval.features import feature_fn
+    from diffrep.eval.probe import Probe
+    from diffrep.train.online import OnlineEval
+
+    dev = ctx.runtime.device
+    probe = Probe(ctx.cfg.probe, torch.from_numpy(prep.labels("train")), prep.num_classes, ctx.cfg.seed)
+    return OnlineEval(lambda m: feature_fn(m, kind, device=dev), probe, prep.images_float("train"),
+                      prep.images_float("val"), torch.from_numpy(prep.labels("val")), train_cfg,
+                      curve_path=ctx.online_curve)
 
 
 def resume_record(ctx: StageContext, result, steps: int) -> dict[str, Any]:
@@ -180,6 +219,8 @@ def finish(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any]
                                        device=str(ctx.runtime.device), started=ctx.started, root=ctx.root)
     if ctx.resume is not None:
         metrics["lineage"]["resume"] = ctx.resume
+    if ctx.online:
+        metrics["lineage"]["selection"] = {k: ctx.online.get(k) for k in ("select", "selected_step", "val_knn_selected")}
     write_json(ctx.path(f"metrics/{ctx.name}.json"), metrics)
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(f"[{ctx.name}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items()))
@@ -194,9 +235,17 @@ def training_metrics(result, rate_key: str = "images_per_s") -> dict[str, Any]:
 
 def finish_training(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any], inputs: Iterable[Path],
                     out_dir: Path, ckpt_dir: Path) -> dict[str, Any]:
-    """finish() for a trained stage (outputs: its model folder and loss curve), then drop the resume state."""
-    out = finish(ctx, metrics, params=params, inputs=inputs,
-                 outputs=[ctx.path(out_dir), ctx.path(f"metrics/{ctx.name}_loss.tsv")])
+    """finish() for a trained stage (outputs: its model folder, loss [and online] curve), then drop the resume state."""
+    outputs = [ctx.path(out_dir), ctx.path(f"metrics/{ctx.name}_loss.tsv")]
+    if ctx.online:
+        metrics = {**metrics, "online": ctx.online}
+    if ctx.online_curve is not None:
+        if not ctx.online:  # evaluation off: the declared plot file holds the header only
+            from diffrep.train.online import write_curve
+
+            write_curve(ctx.online_curve, [])
+        outputs.append(ctx.online_curve)
+    out = finish(ctx, metrics, params=params, inputs=inputs, outputs=outputs)
     discard_checkpoints(ckpt_dir)
     return out
 
@@ -205,5 +254,6 @@ def section_params(cfg: Config, *sections: str) -> dict[str, Any]:
     """The params a stage depends on, as recorded in its lineage block (same keys as dvc.yaml)."""
     out: dict[str, Any] = {"seed": cfg.seed}
     for s in sections:
-        out[s] = to_dict(cfg.section(s))
+        v = cfg.section(s)
+        out[s] = to_dict(v) if hasattr(v, "model_dump") else list(v) if isinstance(v, tuple) else v
     return out

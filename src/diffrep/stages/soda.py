@@ -54,7 +54,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         prep = load_prepared(ctx.path(PREPARED))
         data, pose_dim = training_data(prep)
         model = Soda(cfg.soda, prep.image_shape, pose_dim=pose_dim)
-        params = runner.section_params(cfg, "soda")
+        params = runner.section_params(cfg, "soda", *runner.ONLINE_PARAMS)
         inputs = [ctx.path(PREPARED)]
 
         def sample_fn(ema: Soda) -> torch.Tensor:  # TensorBoard: reconstructions of 8 fixed val images
@@ -63,8 +63,9 @@ def run(cfg: Config, root: Path) -> dict | None:
             pose = torch.from_numpy(p[:8]).to(x.device) if p is not None else None
             return torch.cat([x, ema.decode(ema.encode(x), pose, steps=20)])
 
+        online = runner.online_eval(ctx, prep, "soda", cfg.soda.train)  # val kNN of z during training
         result, ckpt_dir = runner.train(ctx, model, cfg.soda.train, data, params=params, inputs=inputs,
-                                        sample_fn=sample_fn)
+                                        sample_fn=sample_fn, online=online)
         if not ctx.is_main:
             return None
         ema = result.ema

@@ -49,7 +49,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         prep = load_prepared(ctx.path(PREPARED))
         data = {"images": prep.images_float("train")}
         model = UnifiedLatents(s, prep.image_shape)
-        params = runner.section_params(cfg, "ul.stage1")
+        params = runner.section_params(cfg, "ul.stage1", *runner.ONLINE_PARAMS)
         inputs = [ctx.path(PREPARED)]
         val_x = prep.images_float("val")
         fixed = val_x[spread(len(val_x), 8)]
@@ -58,7 +58,9 @@ def run(cfg: Config, root: Path) -> dict | None:
             x = fixed.to(ctx.runtime.device)
             return torch.cat([x, ema.reconstruct(x, steps=16, generator=torch.Generator().manual_seed(0))])
 
-        result, ckpt_dir = runner.train(ctx, model, s.train, data, params=params, inputs=inputs, sample_fn=sample_fn)
+        online = runner.online_eval(ctx, prep, "ul_stage1", s.train)  # val kNN of the latents during training
+        result, ckpt_dir = runner.train(ctx, model, s.train, data, params=params, inputs=inputs, sample_fn=sample_fn,
+                                        online=online)
         if not ctx.is_main:
             return None
         ema = result.ema

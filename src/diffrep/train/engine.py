@@ -21,7 +21,8 @@ Determinism
     with bit-identical weights to an uninterrupted run (tests/test_engine.py).
     Damaged checkpoints are refused by name (checkpoint.py); SIGTERM/SIGINT checkpoint, then exit 128 + signum.
     Sampling for TensorBoard runs under a forked, fixed-seed RNG so it never
-    perturbs training. (Exactness assumes the same torch build and threads.)
+    perturbs training; the optional `online` evaluator (train/online.py) runs the same way, after a step and
+    before its checkpoint, and its state is part of the checkpoint. (Exactness assumes the same torch build, threads.)
     DDP: only rank 0 writes (checkpoint, TSV, TensorBoard, progress bar).
 
 Schedule and EMA
@@ -131,7 +132,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_cfg: TrainConfig, runtime: Runtime, data: dict[str, torch.Tensor], *,
                  seed: int, ckpt_dir: Path, fingerprint: str, run_name: str = "train", log_dir: Path | None = None,
                  loss_curve_path: Path | None = None, sample_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, online=None):
+        self.online = online  # a train/online.py OnlineEval: val kNN every train.eval_every steps, best-step choice
         self.cfg, self.rt, self.seed, self.fingerprint = train_cfg, runtime, int(seed), fingerprint
         self.run_name, self.sample_fn, self.progress = run_name, sample_fn, progress
         self.log_dir, self.writer, self.pbar = log_dir, None, None
@@ -281,7 +283,8 @@ class Trainer:
                         "window": self.window, "window_n": self.window_n, "images": self.images,
                         "train_s": self.train_s},
                 "train_config": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
-                "world_size": self.dist.world_size})
+                "world_size": self.dist.world_size,
+                "online": self.online.state_dict() if self.online is not None else None})
             self._write_curve()
         barrier()  # no rank runs ahead of a checkpoint it might need to resume from
         self.ckpt_step = step
@@ -308,6 +311,8 @@ class Trainer:
         self.term_names, self.rows, self.window, self.window_n = lg["term_names"], lg["rows"], lg["window"], lg["window_n"]
         self.recent.extend(lg["recent"])
         self.last, self.images, self.train_s, self.ckpt_step = lg["last"], lg["images"], lg["train_s"], ck["step"]
+        if self.online is not None:
+            self.online.load_state_dict(ck.get("online"))
         self.resumed_from = str(path)
         self._say(f"resumed from step {ck['step']} of {self.cfg.steps} (checkpoint {path})")
         return ck["step"]
@@ -360,6 +365,8 @@ class Trainer:
                 stats, lr, any_over = self.train_step(step, over)
                 step += 1
                 self._record(step, stats, lr, time.perf_counter() - t)
+                if self.online is not None:  # before any checkpoint of this step, so the checkpoint holds it
+                    self.online.after_step(self, step)
                 if self._interrupted:
                     self._stop_on_signal(step)
                 if self.pbar is not None:
