@@ -66,6 +66,7 @@ class RuntimeConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)  # global batch; split across DDP ranks
+    micro_batch: int = Field(0, ge=0)  # most rows per forward/backward in one process (grad accumulation); 0: no split
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(50, ge=0)
