@@ -86,3 +86,27 @@ def test_bad_data_columns_are_refused_by_name():
         check_data({"x": np.zeros((4, 2)), "y": torch.zeros(5)}, 2)
     with pytest.raises(ValueError, match="uint8"):
         ImageRows(np.zeros((4, 1, 2, 2), dtype=np.float32))
+
+
+def test_patch_pca_reads_only_the_drawn_images_and_fits_exactly_as_before():
+    from diffrep.models.pca import PatchPCA
+    from diffrep.nn.vit import patchify
+
+    u8 = np.random.default_rng(1).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8)  # 4 patches of 4x4 each
+    rows = ImageRows(u8)
+    x = rows[:]
+    # the previous fit: every patch of every image in memory, then a random subset
+    g = torch.Generator().manual_seed(5)
+    old = patchify(x, 4).reshape(-1, 16)[torch.randperm(160, generator=g)[:50]].double()
+    read = []
+
+    class Spy(ImageRows):
+        def __getitem__(self, idx):
+            read.append(len(idx) if not isinstance(idx, slice) else len(self))
+            return super().__getitem__(idx)
+
+    for images in (x, Spy(u8)):
+        pca = PatchPCA(1, 4).fit_(images, 50, generator=torch.Generator().manual_seed(5))
+        mean = old.mean(0)
+        torch.testing.assert_close(pca.mean, mean.float(), rtol=0, atol=0)
+    assert read and read[0] < 40  # only the images holding one of the 50 drawn patches were read

@@ -33,7 +33,9 @@ class ImageRows:
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
             idx = idx.numpy()
-        rows = np.ascontiguousarray(self.array[idx])  # reads only these rows from a memory map
+        rows = self.array[idx]  # reads only these rows from a memory map
+        if not rows.flags.writeable:  # a slice of a read-only map is a view: copy it (torch wants writable memory)
+            rows = np.array(rows)
         return torch.from_numpy(rows).float().mul_(2.0 / 255.0).sub_(1.0)  # (B, C, H, W), as images_float
 
 
@@ -61,4 +63,5 @@ def gather(v, idx: torch.Tensor) -> torch.Tensor:
         return v[idx]
     if isinstance(v, ImageRows):
         return v[idx]
-    return torch.from_numpy(np.ascontiguousarray(v[idx.numpy()]))
+    rows = v[idx.numpy()]  # fancy indexing: a fresh, writable copy of just these rows
+    return torch.from_numpy(np.ascontiguousarray(rows))
