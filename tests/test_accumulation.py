@@ -110,3 +110,18 @@ def test_patch_pca_reads_only_the_drawn_images_and_fits_exactly_as_before():
         mean = old.mean(0)
         torch.testing.assert_close(pca.mean, mean.float(), rtol=0, atol=0)
     assert read and read[0] < 40  # only the images holding one of the 50 drawn patches were read
+
+
+def test_image_rows_read_from_the_file_equal_the_array(tmp_path):
+    u8 = np.random.default_rng(2).integers(0, 256, (9, 3, 2, 2), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", u8)
+    rows, plain = ImageRows(np.load(tmp_path / "x.npy", mmap_mode="r")), ImageRows(u8)
+    assert rows._file is not None and plain._file is None  # the mapped one reads with pread
+    for idx in (slice(None), slice(2, 7), slice(1, 9, 3), slice(5, 2), torch.tensor([8, 0, 0, -1]), np.array([4])):
+        torch.testing.assert_close(rows[idx], plain[idx], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="out of range"):
+        rows[torch.tensor([9])]
+    with open(tmp_path / "x.npy", "r+b") as f:  # truncated behind the loader's back
+        f.truncate(f.seek(0, 2) - 12)
+    with pytest.raises(OSError, match="short read"):
+        rows[torch.tensor([8])]

@@ -37,8 +37,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from diffrep.io import ArtifactError
     from diffrep.stages.runner import StageLocked
     from diffrep.train.engine import NonFiniteLossError
+    from diffrep.train.launch import LaunchError
 
-    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked
+    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked, LaunchError
 
 
 def _load_params(path: str):
@@ -61,9 +62,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load_params(args.params)
     if cfg is None:
         return EXIT_USAGE
+    from diffrep.train.launch import launch_stage, should_launch
+
     module, func = STAGES[args.name].split(":")
-    run = getattr(importlib.import_module(module), func)
     try:
+        if should_launch(args.name, cfg.runtime):  # runtime.nproc_per_node / nnodes: this process only launches
+            launch_stage(args.name, cfg.runtime, args.params, args.root, ["--traceback"] if args.traceback else [])
+            return EXIT_OK
+        run = getattr(importlib.import_module(module), func)
         run(cfg, Path(args.root))
     except user_errors() as e:
         if args.traceback:

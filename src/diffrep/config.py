@@ -60,6 +60,11 @@ class RuntimeConfig(Section):
     compile: bool = False
     channels_last: bool = True  # NHWC memory format for 4-D activations
     num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)
+    # DDP from the stage itself (train/launch.py): training stages start their own workers via torch's elastic launcher
+    nproc_per_node: int = Field(1, ge=0)  # workers on this machine; 0: one per visible CUDA device (1 without CUDA)
+    nnodes: int = Field(1, ge=1)  # machines; > 1: run the same `diffrep stage X` on each (docs/gpu.md)
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous (node 0's address when nnodes > 1)
+    rdzv_id: str = "diffrep"  # the job's rendezvous id: the same on every node, different for concurrent jobs
 
 
 # ---------------------------------------------------------------- training engine

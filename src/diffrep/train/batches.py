@@ -10,18 +10,50 @@ So a split on disk is never read whole: a step touches batch_size rows of it.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 
 class ImageRows:
-    """uint8 (N, C, H, W) array -> float32 rows in [-1, 1] on indexing (an int-array index or a slice)."""
+    """uint8 (N, C, H, W) array -> float32 rows in [-1, 1] on indexing (an int-array index or a slice).
+
+    For a memory-mapped .npy (np.load(..., mmap_mode="r")) the rows are read with os.pread, not through the
+    map: the page cache serves them, but no file pages are mapped into the process, so its resident memory
+    does not grow with the rows a run has touched (bench/data_scale.py measures it)."""
 
     def __init__(self, array: np.ndarray):
         if array.dtype != np.uint8 or array.ndim != 4:
             raise ValueError(f"ImageRows: expected a uint8 (N, C, H, W) array, got {array.dtype} {array.shape}")
         self.array = array
         self.shape = tuple(array.shape)
+        mapped = isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous
+        self._file = (array.filename, array.offset) if mapped else None
+        self._row = int(np.prod(self.shape[1:]))  # bytes per image
+
+    def _read(self, idx) -> np.ndarray:
+        name, offset = self._file
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(self.shape[0])
+            runs = [(start, max(0, stop - start))] if step == 1 else [(i, 1) for i in range(start, stop, step)]
+        else:
+            rows = np.asarray(idx, dtype=np.int64).reshape(-1)
+            if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
+                raise IndexError(f"ImageRows: index out of range for {self.shape[0]} rows")
+            runs = [(int(i) % self.shape[0], 1) for i in rows]
+        out = np.empty((sum(n for _, n in runs) * self._row,), dtype=np.uint8)
+        fd, pos = os.open(name, os.O_RDONLY), 0
+        try:
+            for i, n in runs:
+                size = n * self._row
+                got = os.preadv(fd, [memoryview(out)[pos : pos + size]], offset + i * self._row)
+                if got != size:
+                    raise OSError(f"{name}: short read ({got} of {size} bytes); the file changed or was truncated")
+                pos += size
+        finally:
+            os.close(fd)
+        return out.reshape(-1, *self.shape[1:])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -33,9 +65,12 @@ class ImageRows:
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
             idx = idx.numpy()
-        rows = self.array[idx]  # reads only these rows from a memory map
-        if not rows.flags.writeable:  # a slice of a read-only map is a view: copy it (torch wants writable memory)
-            rows = np.array(rows)
+        if self._file is not None:
+            rows = self._read(idx)  # only these rows, from the file
+        else:
+            rows = self.array[idx]
+            if not rows.flags.writeable:  # a read-only view: copy it (torch wants writable memory)
+                rows = np.array(rows)
         return torch.from_numpy(rows).float().mul_(2.0 / 255.0).sub_(1.0)  # (B, C, H, W), as images_float
 
 
