@@ -40,3 +40,21 @@ def test_every_preset_model_steps_on_cpu_and_has_flops(path):
     for name in MODELS:
         flops, loss = step_and_flops(path, name)
         assert flops > 1e8 and math.isfinite(loss), name
+
+
+def test_params_preset_write_gives_a_complete_equal_params_file(tmp_path, capsys):
+    import yaml
+
+    from diffrep.cli import main
+    from diffrep.config import Config, load_config, to_dict
+    from test_params import unset_fields
+
+    out = tmp_path / "params.yaml"
+    path = [p for p in PRESETS if p.stem == "cifar10"][0]
+    assert main(["params", "--preset", str(path), "--write", str(out)]) == 0
+    assert unset_fields(Config, yaml.safe_load(out.read_text())) == []  # every key spelled out for DVC
+    assert to_dict(load_config(out)) == to_dict(preset_config(path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("soda: {unet: {chanels: 3}}\n")
+    assert main(["params", "--preset", str(bad)]) == 2
+    assert "chanels" in capsys.readouterr().err
