@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test faults bench exps clean-cache help
+.PHONY: setup pipeline test faults scale gpu-check bench exps clean-cache help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,11 +32,17 @@ setup: $(STAMP)  ## create .venv and install diffrep with the dev extra
 pipeline: setup  ## run the whole DVC pipeline on the embedded default data
 	$(BIN)/dvc repro
 
-test: setup  ## run the test suite (all but the slow fault-injection cases: `make faults`)
-	$(BIN)/python -m pytest -q -m "not (slow and faults)"
+test: setup  ## run the test suite (all but the slow fault-injection cases: `make faults`, and `make scale`)
+	$(BIN)/python -m pytest -q -m "not (slow and faults) and not scale"
+
+scale: setup  ## the multi-process cases: `dvc repro` with 2 launched DDP workers, two local "nodes", preset steps, gpu-check on CPU (~10 min)
+	$(BIN)/python -m pytest -q -m scale tests/test_launch.py tests/test_presets.py tests/test_gpu_check.py
 
 faults: setup  ## the slow fault-injection cases (signals, a real full disk, Prefect retries; ~2 min)
 	$(BIN)/python -m pytest -q -m slow tests/test_faults_slow.py
+
+gpu-check: setup  ## what this machine's GPU(s) can do: bf16 model FLOP/s, xformers vs SDPA, compile, NCCL, preset memory (bench/results/gpu_check.json)
+	$(BIN)/python -m bench.gpu_check
 
 bench: setup  ## run the benchmarks (writes bench/results/*.json); BENCH_ARGS="--pipeline" adds a full dvc repro
 	$(BIN)/python -m bench $(BENCH_ARGS)

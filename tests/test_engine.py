@@ -260,6 +260,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
         # a different init on rank 1: DDP must broadcast rank 0's weights (and the EMA follow)
         res = run(tmp / "ddp", cfg(), model_seed=100 + rank, dropout=0.0, loss_curve_path=tmp / "ddp.tsv")
         torch.save({"model": res.model.state_dict(), "ema": res.ema.state_dict()}, tmp / f"rank{rank}.pt")
+        micro = run(tmp / "micro", cfg(micro_batch=2), model_seed=100, dropout=0.0)  # 4 rows per rank: 2 x 2
+        torch.save({"model": micro.model.state_dict()}, tmp / f"micro{rank}.pt")
     finally:
         teardown_distributed()
 
@@ -282,3 +284,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert torch.equal(r0[part][k], r1[part][k]), f"ranks disagree on {part}.{k}"
             torch.testing.assert_close(r0[part][k], v, rtol=0, atol=1e-6, msg=f"{part}.{k}")
     assert (tmp_path / "ddp.tsv").is_file() and load_torch(tmp_path / "ddp" / "ckpt" / "last.pt")["world_size"] == 2
+    for k, v in single.model.state_dict().items():  # DDP + gradient accumulation: float rounding only
+        m0, m1 = (torch.load(tmp_path / f"micro{r}.pt", weights_only=True)["model"][k] for r in range(2))
+        assert torch.equal(m0, m1), f"ranks disagree on micro-batched {k}"
+        torch.testing.assert_close(m0, v, rtol=0, atol=1e-5, msg=f"micro-batched {k}")

@@ -38,16 +38,28 @@ def user_errors() -> tuple[type[Exception], ...]:
     from diffrep.io import ArtifactError
     from diffrep.stages.runner import StageLocked
     from diffrep.train.engine import NonFiniteLossError
+    from diffrep.train.launch import LaunchError
 
-    return ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked, EmbedError
+    return (ConfigError, SourceError, DataValidationError, ArtifactError, NonFiniteLossError, StageLocked, EmbedError,
+            LaunchError)
 
 
-def _load_params(path: str):
-    """The validated config, or None after printing why it is not (a usage error)."""
+def _load_params(path: str, preset: str | None = None):
+    """The validated config (with a preset overlay merged on top), or None after printing why it is not."""
     from diffrep.config import ConfigError, load_config
 
     try:
-        return load_config(path)
+        over = None
+        if preset:
+            import yaml
+
+            try:
+                over = yaml.safe_load(open(preset).read()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise ConfigError(f"{preset}: cannot read the preset ({e})") from None
+            if not isinstance(over, dict):
+                raise ConfigError(f"{preset}: expected a mapping at the top level, got {type(over).__name__}")
+        return load_config(path, overrides=over)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -62,9 +74,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load_params(args.params)
     if cfg is None:
         return EXIT_USAGE
+    from diffrep.train.launch import launch_stage, should_launch
+
     module, func = STAGES[args.name].split(":")
-    run = getattr(importlib.import_module(module), func)
     try:
+        if should_launch(args.name, cfg.runtime):  # runtime.nproc_per_node / nnodes: this process only launches
+            launch_stage(args.name, cfg.runtime, args.params, args.root, ["--traceback"] if args.traceback else [])
+            return EXIT_OK
+        run = getattr(importlib.import_module(module), func)
         run(cfg, Path(args.root))
     except user_errors() as e:
         if args.traceback:
@@ -79,9 +96,18 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
     from diffrep.config import to_dict
 
-    cfg = _load_params(args.params)
+    cfg = _load_params(args.params, args.preset)
     if cfg is None:
         return EXIT_USAGE
+    if args.write:  # a complete params file: every key spelled out, as tests/test_params.py asks of params.yaml
+        import yaml
+
+        from diffrep.io import write_text
+
+        head = f"# {args.params} with {args.preset} over it (`diffrep params --preset`); schema: src/diffrep/config.py\n"
+        write_text(args.write, head + yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+        print(f"wrote {args.write}")
+        return EXIT_OK
     print(json.dumps(to_dict(cfg), indent=2))
     return EXIT_OK
 
@@ -122,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("params", help="validate params.yaml and print the resolved config")
     s.add_argument("--params", default="params.yaml")
+    s.add_argument("--preset", help="an overlay merged over --params, e.g. presets/cifar10.yaml")
+    s.add_argument("--write", help="write the resolved config as a complete params file (e.g. params.yaml)")
     s.set_defaults(func=_cmd_params)
 
     s = sub.add_parser("sample", help="draw images from a trained generative model (UL: base -> decoder)")

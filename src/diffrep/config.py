@@ -60,12 +60,18 @@ class RuntimeConfig(Section):
     compile: bool = False
     channels_last: bool = True  # NHWC memory format for 4-D activations
     num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)
+    # DDP from the stage itself (train/launch.py): training stages start their own workers via torch's elastic launcher
+    nproc_per_node: int = Field(1, ge=0)  # workers on this machine; 0: one per visible CUDA device (1 without CUDA)
+    nnodes: int = Field(1, ge=1)  # machines; > 1: run the same `diffrep stage X` on each (docs/gpu.md)
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous (node 0's address when nnodes > 1)
+    rdzv_id: str = "diffrep"  # the job's rendezvous id: the same on every node, different for concurrent jobs
 
 
 # ---------------------------------------------------------------- training engine
 class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)  # global batch; split across DDP ranks
+    micro_batch: int = Field(0, ge=0)  # most rows per forward/backward in one process (grad accumulation); 0: no split
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(50, ge=0)

@@ -156,12 +156,13 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, array, allow_pickle=False)
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
+def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """The array in `path`; mmap: a read-only np.memmap (pages are read when touched, nothing up front)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found; run `dvc repro` to create it")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise ArtifactError(f"{path}: not a readable .npy array ({e})") from e
 

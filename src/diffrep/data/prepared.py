@@ -12,6 +12,11 @@
 uint8 keeps the folder small (DVC caches it) and exact: images_float()
 maps k/255 to 2k/255 - 1 in [-1, 1], the range every model trains in.
 
+Larger than memory: the image files are memory-mapped (read-only), so loading
+costs no RAM; `image_rows(split)` hands the Trainer a view whose steps read only
+their rows (train/batches.py), and images_float() converts in chunks.
+Verification still hashes every file, streaming (io.file_hash).
+
 Choose on val, report on test, once: a loaded `Prepared` refuses to hand out
 the test split until `release_test()` is called, which a stage does after every
 choice (probe settings, kNN k, ...) has been made on val. A stage that peeks at
@@ -118,12 +123,23 @@ class Prepared:
     def labels(self, split: str) -> np.ndarray:
         return self.arrays[self._key(split, "labels")]
 
-    def images_float(self, split: str, device=None):
-        """torch float32 (N, C, H, W) in [-1, 1]."""
+    def images_float(self, split: str, device=None, chunk: int = 8192):
+        """torch float32 (N, C, H, W) in [-1, 1] (read from the memory map in chunks of rows)."""
         import torch
 
-        x = torch.from_numpy(self.images(split)).to(device)
-        return x.float().mul_(2.0 / 255.0).sub_(1.0)
+        from diffrep.train.batches import ImageRows
+
+        rows = ImageRows(self.images(split))
+        out = torch.empty(rows.shape, dtype=torch.float32, device=device)
+        for i in range(0, len(rows), chunk):
+            out[i : i + chunk] = rows[i : i + chunk].to(device)
+        return out
+
+    def image_rows(self, split: str):
+        """The split's images as a memory-mapped ImageRows: indexing gives float32 rows in [-1, 1]."""
+        from diffrep.train.batches import ImageRows
+
+        return ImageRows(self.images(split))
 
     def array(self, split: str, name: str) -> np.ndarray | None:
         """Any stored array by name ("images", "labels", "factors", "poses", "object_ids"); None if absent."""
@@ -158,7 +174,7 @@ def load_prepared(path: str | Path = "data/prepared", verify: bool = True) -> Pr
             raise ArtifactError(
                 f"{f}: content changed since `prepare` wrote it (sha256 differs from manifest.json); {_RERUN}"
             )
-        arrays[name[: -len(".npy")]] = load_npy(f)
+        arrays[name[: -len(".npy")]] = load_npy(f, mmap=name.endswith("_images.npy"))  # the big ones: mapped
 
     try:
         _check_shapes(path, manifest, arrays)

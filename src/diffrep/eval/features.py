@@ -9,10 +9,18 @@ import torch
 @torch.no_grad()
 def batched(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size: int = 500,
             device: torch.device | str = "cpu") -> torch.Tensor:
-    """Apply fn to aligned row-chunks of `tensors` (moved to `device`); concatenate results on the CPU."""
-    n = len(tensors[0])
-    out = [fn(*(t[i:i + batch_size].to(device) for t in tensors)).cpu() for i in range(0, n, batch_size)]
-    return torch.cat(out)
+    """Apply fn to aligned row-chunks of `tensors` (moved to `device`); concatenate results on the CPU.
+
+    `tensors` may be memory-mapped ImageRows (a chunk is read when needed). Results go into one preallocated
+    tensor: a list of many small chunk results pins the freed per-batch buffers in the heap, so peak memory
+    grew with the number of rows (measured in bench/data_scale.py)."""
+    n, out = len(tensors[0]), None
+    for i in range(0, n, batch_size):
+        y = fn(*(t[i:i + batch_size].to(device) for t in tensors))
+        if out is None:
+            out = torch.empty((n, *y.shape[1:]), dtype=y.dtype)
+        out[i:i + len(y)] = y
+    return out if out is not None else torch.cat([])
 
 
 # model kind -> the method giving its probe features: SODA z, UL clean latent (flattened), l-DAE pooled tokens

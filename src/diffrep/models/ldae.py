@@ -61,9 +61,10 @@ class Ldae(nn.Module):
 
     # ------------------------------------------------------------ the noising path
     def fit_tokenizer(self, images: torch.Tensor, seed: int = 0) -> None:
-        """Fit the patch PCA on training images (N, C, H, W) in [-1, 1]."""
+        """Fit the patch PCA on training images (N, C, H, W) in [-1, 1] (a tensor or a memory-mapped ImageRows)."""
         g = torch.Generator().manual_seed(seed)
-        self.tokenizer.fit_(images.cpu(), self.cfg.pca_fit_patches, generator=g, standardize=self.cfg.standardize)
+        images = images.cpu() if isinstance(images, torch.Tensor) else images
+        self.tokenizer.fit_(images, self.cfg.pca_fit_patches, generator=g, standardize=self.cfg.standardize)
 
     def noisy_input(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Clean x (B, C, H, W), sigma (B,), eps (B, C, H, W) ~ N(0, I) -> the network input (B, C, H, W)."""

@@ -43,16 +43,21 @@ class PatchPCA(nn.Module):
              standardize: bool = True) -> "PatchPCA":
         """Fit on `n_patches` grid patches drawn without replacement from `images` (N, C, H, W).
 
+        `images` may be a tensor or a memory-mapped ImageRows: only the images holding a drawn patch are read.
         standardize=False keeps s = 1: then encode = coords, the latent at its natural scale.
         """
-        if images.dim() != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"PatchPCA.fit_: expected images (N, {self.channels}, H, W), got {tuple(images.shape)}")
-        patches = patchify(images.float(), self.patch_size).reshape(-1, self.dim)  # (N*n, D)
-        if len(patches) < self.dim + 1:
-            raise ValueError(f"PatchPCA.fit_: {len(patches)} patches cannot fit {self.dim} components; use more images")
-        if n_patches < len(patches):
-            patches = patches[torch.randperm(len(patches), generator=generator)[:n_patches]]
-        p = patches.double()
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1] != self.channels:
+            raise ValueError(f"PatchPCA.fit_: expected images (N, {self.channels}, H, W), got {shape}")
+        per_image = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
+        total = shape[0] * per_image  # patch k is patch k % per_image of image k // per_image
+        if total < self.dim + 1:
+            raise ValueError(f"PatchPCA.fit_: {total} patches cannot fit {self.dim} components; use more images")
+        sel = torch.randperm(total, generator=generator)[:n_patches] if n_patches < total else torch.arange(total)
+        ids, inv = torch.unique(sel // per_image, return_inverse=True)  # the images to read, sorted
+        imgs = images[ids] if len(ids) < shape[0] else images[:]  # (n_read, C, H, W)
+        patches = patchify(imgs.float(), self.patch_size).reshape(len(ids), per_image, self.dim)
+        p = patches[inv, sel % per_image].double()  # (n_patches, D), in the draw's order
         mean = p.mean(0)
         cov = (p - mean).T @ (p - mean) / (len(p) - 1)  # (D, D)
         evals, evecs = torch.linalg.eigh(cov)  # ascending

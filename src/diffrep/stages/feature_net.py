@@ -31,7 +31,7 @@ def accuracy(net: FeatureNet, x: torch.Tensor, y: torch.Tensor, device) -> float
 def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("feature_net", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
-        train_x, train_y = prep.images_float("train"), torch.from_numpy(prep.labels("train"))
+        train_x, train_y = prep.image_rows("train"), torch.from_numpy(prep.labels("train"))  # images memory-mapped
         model = FeatureNet(cfg.feature_net, prep.image_shape, prep.num_classes)
         params = runner.section_params(cfg, "feature_net")
         inputs = [ctx.path(PREPARED)]
@@ -42,8 +42,8 @@ def run(cfg: Config, root: Path) -> dict | None:
         ema, dev = result.ema, ctx.runtime.device
         prep.release_test()  # nothing is chosen here
         metrics = {
-            "val_accuracy": accuracy(ema, prep.images_float("val"), torch.from_numpy(prep.labels("val")), dev),
-            "test_accuracy": accuracy(ema, prep.images_float("test"), torch.from_numpy(prep.labels("test")), dev),
+            "val_accuracy": accuracy(ema, prep.image_rows("val"), torch.from_numpy(prep.labels("val")), dev),
+            "test_accuracy": accuracy(ema, prep.image_rows("test"), torch.from_numpy(prep.labels("test")), dev),
             "train_accuracy": accuracy(ema, train_x, train_y, dev),
             "feature_dim": ema.num_features,
             "num_classes": prep.num_classes,

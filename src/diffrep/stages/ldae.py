@@ -37,7 +37,7 @@ def grid_images(model: Ldae, x: torch.Tensor, seed: int) -> torch.Tensor:
 def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("ldae", cfg, root) as ctx:
         prep = load_prepared(ctx.path(PREPARED))
-        train_x, val_x = prep.images_float("train"), prep.images_float("val")  # (N, C, H, W) in [-1, 1]
+        train_x, val_x = prep.image_rows("train"), prep.image_rows("val")  # memory-mapped (N, C, H, W) in [-1, 1]
         model = Ldae(cfg.ldae, prep.image_shape)
         model.fit_tokenizer(train_x, seed=cfg.seed)  # deterministic: every DDP rank fits the same PCA
         set_attention_backend(model, ctx.runtime.attention)

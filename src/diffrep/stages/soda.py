@@ -29,10 +29,10 @@ OUT = Path("models/soda")
 
 def training_data(prep: Prepared) -> tuple[dict[str, torch.Tensor], int]:
     """-> (engine data dict, pose_dim). 2D: rows are images; 3D: rows are objects."""
-    x = prep.images_float("train")
     poses = prep.array("train", "poses")
     if poses is None:
-        return {"images": x}, 0
+        return {"images": prep.image_rows("train")}, 0  # memory-mapped: each step reads its rows
+    x = prep.images_float("train")  # 3D: rows are regrouped by object (in memory)
     images, poses = group_views(x, torch.from_numpy(poses), torch.from_numpy(prep.array("train", "object_ids")))
     return {"images": images, "poses": poses}, poses.shape[-1]
 

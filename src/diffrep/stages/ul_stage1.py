@@ -47,11 +47,11 @@ def run(cfg: Config, root: Path) -> dict | None:
     with runner.stage("ul_stage1", cfg, root) as ctx:
         s = cfg.ul.stage1
         prep = load_prepared(ctx.path(PREPARED))
-        data = {"images": prep.images_float("train")}
+        data = {"images": prep.image_rows("train")}  # memory-mapped: each step reads its rows
         model = UnifiedLatents(s, prep.image_shape)
         params = runner.section_params(cfg, "ul.stage1", *runner.ONLINE_PARAMS)
         inputs = [ctx.path(PREPARED)]
-        val_x = prep.images_float("val")
+        val_x = prep.image_rows("val")
         fixed = val_x[spread(len(val_x), 8)]
 
         def sample_fn(ema: UnifiedLatents) -> torch.Tensor:  # TensorBoard: 8 val images and their reconstructions
@@ -65,7 +65,7 @@ def run(cfg: Config, root: Path) -> dict | None:
             return None
         ema = result.ema
         prep.release_test()  # nothing is chosen here: test is read once, for the reported numbers
-        test_all = prep.images_float("test")
+        test_all = prep.image_rows("test")
         test_x = test_all[spread(len(test_all), s.eval_images)]
         metrics, grid = evaluate(ema, test_x, cfg.seed, ctx.runtime.device)
         with atomic_dir(ctx.path(OUT)) as tmp:

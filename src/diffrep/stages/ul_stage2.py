@@ -42,8 +42,8 @@ def run(cfg: Config, root: Path) -> dict | None:
         dev = ctx.runtime.device
         prep = load_prepared(ctx.path(PREPARED))
         stage1: UnifiedLatents = load_model(ctx.path(STAGE1), "ul_stage1").to(dev).requires_grad_(False)
-        latents = batched(stage1.encode, prep.images_float("train"), device=dev)  # (N, C_z, s, s), frozen
-        val_latents = batched(stage1.encode, prep.images_float("val"), device=dev)
+        latents = batched(stage1.encode, prep.image_rows("train"), device=dev)  # (N, C_z, s, s), frozen
+        val_latents = batched(stage1.encode, prep.image_rows("val"), device=dev)
         base = UlBase(s, stage1.latent_shape, stage1.cfg.logsnr_z0)
         params = runner.section_params(cfg, "ul.stage2")
         inputs = [ctx.path(STAGE1), ctx.path(PREPARED)]

@@ -4,8 +4,8 @@ Model protocol
     A model is an `nn.Module` whose `forward(batch, rng) -> (loss, terms)`
     computes its own training loss, so DDP's forward/backward hooks see the
     whole step:
-      batch  dict[str, Tensor]: this rank's rows of the global batch, on the
-             run's device (4-D float tensors channels_last when asked);
+      batch  dict[str, Tensor]: this rank's rows of the global batch (one micro-batch of
+             them with train.micro_batch), on the run's device (4-D floats channels_last if asked);
       rng    BatchRNG (diffrep.train.rng): ALL per-sample randomness (noise,
              timesteps, views, masks, condition dropout) must come from it;
       loss   scalar tensor, the mean over this rank's rows (DDP averages the
@@ -40,6 +40,7 @@ BatchRNG.step is the 0-based index of the update being computed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -60,6 +61,7 @@ from diffrep.config import TrainConfig
 from diffrep.interrupt import deferred_signals, exit_code
 from diffrep.io import write_text
 from diffrep.runtime import Runtime
+from diffrep.train.batches import check_data, gather
 from diffrep.train.checkpoint import CKPT_NAME, load_latest, rng_state, save_checkpoint, set_rng_state
 from diffrep.train.distributed import all_reduce_sum_, barrier, dist_info
 from diffrep.train.rng import BatchRNG, derive_seed
@@ -116,20 +118,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _check_data(data: dict[str, torch.Tensor], batch_size: int) -> int:
-    if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError("Trainer: `data` must be a non-empty dict of N-first tensors")
-    sizes = {k: v.shape[0] if v.ndim else 0 for k, v in data.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"Trainer: data tensors disagree on the number of items: {sizes}")
-    n = next(iter(sizes.values()))
-    if n < batch_size:
-        raise ValueError(f"Trainer: {n} training items but train.batch_size={batch_size}; lower the batch size")
-    return n
-
-
 class Trainer:
-    def __init__(self, model: nn.Module, train_cfg: TrainConfig, runtime: Runtime, data: dict[str, torch.Tensor], *,
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig, runtime: Runtime, data: dict, *,
                  seed: int, ckpt_dir: Path, fingerprint: str, run_name: str = "train", log_dir: Path | None = None,
                  loss_curve_path: Path | None = None, sample_fn: Callable[[nn.Module], torch.Tensor] | None = None,
                  progress: bool = True, online=None):
@@ -144,7 +134,11 @@ class Trainer:
             raise ValueError(f"train.batch_size={train_cfg.batch_size} is not divisible by the number of DDP processes "
                              f"(WORLD_SIZE={self.dist.world_size}); choose a multiple of {self.dist.world_size}")
         self.local_batch = train_cfg.batch_size // self.dist.world_size
-        self.data, self.n_items = data, _check_data(data, train_cfg.batch_size)
+        self.micro = min(train_cfg.micro_batch or self.local_batch, self.local_batch)  # rows per forward/backward
+        if self.local_batch % self.micro:
+            raise ValueError(f"train.micro_batch={train_cfg.micro_batch} does not divide the per-process batch {self.local_batch}"
+                             f" (batch_size {train_cfg.batch_size} / {self.dist.world_size} processes): use a divisor, or 0")
+        self.data, self.n_items = data, check_data(data, train_cfg.batch_size)
         self.batches_per_epoch = self.n_items // train_cfg.batch_size  # the last partial batch is dropped
         self._perm_epoch, self._perm = -1, None
 
@@ -155,8 +149,9 @@ class Trainer:
         self.model = model
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         net: nn.Module = model
+        self._ddp: DistributedDataParallel | None = None
         if self.dist.world_size > 1:  # DDP broadcasts rank 0's weights; the EMA starts from them too
-            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            net = self._ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.ema.load_state_dict(model.state_dict())
         self.net = torch.compile(net) if runtime.compile else net  # self.model stays the one we save
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -182,13 +177,15 @@ class Trainer:
         start = pos * self.cfg.batch_size + self.dist.rank * self.local_batch
         return self._perm[start : start + self.local_batch]  # (local_B,)
 
-    def _batch(self, step: int) -> tuple[dict[str, torch.Tensor], BatchRNG]:
-        idx, dev = self._indices(step), self.rt.device
-        batch = {k: v[idx].to(dev, non_blocking=True) for k, v in self.data.items()}
+    def _batch(self, step: int, micro: int = 0) -> tuple[dict[str, torch.Tensor], BatchRNG]:
+        """Micro-batch `micro` of this rank's rows of update `step`, and its slice of the global BatchRNG."""
+        lo = micro * self.micro  # rows [lo, lo + micro) of this rank's local batch
+        idx, dev = self._indices(step)[lo : lo + self.micro], self.rt.device
+        batch = {k: gather(v, idx).to(dev, non_blocking=True) for k, v in self.data.items()}
         if self.rt.channels_last:
             batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
                      for k, v in batch.items()}
-        rng = BatchRNG(self.seed, step, self.cfg.batch_size, self.dist.rank * self.local_batch, self.local_batch, dev)
+        rng = BatchRNG(self.seed, step, self.cfg.batch_size, self.dist.rank * self.local_batch + lo, self.micro, dev)
         return batch, rng
 
     def _grad_norm(self) -> torch.Tensor:
@@ -197,9 +194,8 @@ class Trainer:
         norms = [p.grad.detach().norm(2) for p in self.params if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.rt.device)
 
-    def train_step(self, step: int, over_budget: bool = False) -> tuple[list[float], float, bool]:
-        """One update (also what bench/ times). Returns (global-mean [loss, *terms, grad_norm], lr, any rank over budget)."""
-        batch, rng = self._batch(step)
+    def _forward(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        batch, rng = self._batch(step, micro)
         with self.rt.autocast():
             loss, terms = self.net(batch, rng)
         if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and isinstance(terms, dict)):
@@ -215,13 +211,24 @@ class Trainer:
         elif names != self.term_names:
             raise ValueError(f"{type(self.model).__name__}: terms changed from {self.term_names} to {names} "
                              f"at step {step + 1}; return the same keys every step")
-        loss.backward()
+        return loss, terms
+
+    def train_step(self, step: int, over_budget: bool = False) -> tuple[list[float], float, bool]:
+        """One update (also what bench/ times). Returns (global-mean [loss, *terms, grad_norm], lr, any rank over budget).
+        Gradient accumulation: n equal micro-batches, each loss / n into the same .grad; DDP syncs on the last only."""
+        n_micro, acc = self.local_batch // self.micro, None
+        for m in range(n_micro):
+            sync = m == n_micro - 1 or self._ddp is None
+            with contextlib.nullcontext() if sync else self._ddp.no_sync():
+                loss, terms = self._forward(step, m)
+                (loss / n_micro if n_micro > 1 else loss).backward()
+            dev = loss.device
+            vals = torch.stack([loss.detach().float(), *(torch.as_tensor(t, device=dev).detach().float().reshape(())
+                                                       for t in terms.values())]) / n_micro  # (1 + n_terms,)
+            acc = vals if acc is None else acc + vals
         grad_norm = self._grad_norm()
-        dev = loss.device
-        vec = torch.stack([loss.detach().float(), *(torch.as_tensor(t, device=dev).detach().float().reshape(())
-                                                  for t in terms.values()),
-                           grad_norm.detach().float().to(dev), torch.tensor(float(over_budget), device=dev),
-                           torch.tensor(float(bool(self._pending)), device=dev)])
+        vec = torch.cat([acc, torch.stack([grad_norm.detach().float().to(dev), torch.tensor(float(over_budget), device=dev),
+                                           torch.tensor(float(bool(self._pending)), device=dev)])])
         vals = all_reduce_sum_(vec).tolist()  # one sync per step; every rank then takes the same decisions
         stats, stop, self._interrupted = [v / self.dist.world_size for v in vals[:-2]], vals[-2] > 0, vals[-1] > 0
         if not all(math.isfinite(v) for v in stats):

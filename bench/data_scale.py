@@ -1,0 +1,157 @@
+"""Data larger than memory: peak RSS of a training stage at two dataset sizes, and memory-mapped vs in-memory img/s.
+
+    python -m bench.data_scale rss --sizes 20000 200000       # -> bench/results/data_scale_rss.json
+    python -m bench.data_scale speed --prepared data/prepared   # -> bench/results/data_scale_speed.json
+
+rss: writes a synthetic prepared folder of N random uint8 images (chunk by chunk, never whole in memory, hashed
+like `prepare` does), then runs the real `feature_net` stage on it in a fresh interpreter under
+bench/peak_rss.py: load_prepared (sha256 of every file), training from the memory-mapped split, accuracy over
+train/val/test in batches, model written. Flat peak RSS across N means no split is held whole.
+speed: one process, the soda model of params.yaml, Trainer.train_step on the same prepared train split held as
+an in-memory float tensor (A) or as the memory-mapped ImageRows (B), A and B alternated in blocks, medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffrep.io import file_hash, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (1, 16, 16)  # (C, H, W)
+CLASSES = 10
+TINY = {"seed": 0, "data": {"source": "digits", "image_size": SHAPE[-1]}, "runtime": {"device": "cpu", "num_threads": 1},
+        "feature_net": {"width": 8, "train": {"steps": 30, "batch_size": 64, "ckpt_every": 1000, "log_every": 10}},
+        "eval": {"batch_size": 500}}
+
+
+def write_synthetic(out: Path, n: int, chunk: int = 10_000) -> None:
+    """A prepared folder (train/val/test = 70/10/20%) written chunk by chunk through np.lib.format.open_memmap."""
+    out.mkdir(parents=True)
+    counts = {"train": n * 7 // 10, "val": n // 10}
+    counts["test"] = n - counts["train"] - counts["val"]
+    files, g = {}, np.random.default_rng(0)
+    for split, m in counts.items():
+        x = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(m, *SHAPE))
+        for i in range(0, m, chunk):
+            x[i : i + chunk] = g.integers(0, 256, (min(chunk, m - i), *SHAPE), dtype=np.uint8)
+        x.flush()
+        del x
+        np.save(out / f"{split}_labels.npy", np.arange(m, dtype=np.int64) % CLASSES)
+        for name in (f"{split}_images.npy", f"{split}_labels.npy"):
+            files[name] = file_hash(out / name)
+    write_json(out / "manifest.json", {
+        "source": "digits", "image_shape": list(SHAPE), "class_names": [str(k) for k in range(CLASSES)],
+        "num_classes": CLASSES, "counts": counts, "seed": 0, "files": files,
+        "class_counts": {s: np.bincount(np.arange(m) % CLASSES, minlength=CLASSES).tolist() for s, m in counts.items()}})
+
+
+def stage_child(root: str, in_memory: bool) -> None:
+    from diffrep.config import parse_config
+    from diffrep.data.prepared import Prepared
+    from diffrep.stages import feature_net
+
+    if in_memory:  # the control: the stage as it was, every split a float tensor (the measurement must see it)
+        Prepared.image_rows = Prepared.images_float
+    feature_net.run(parse_config(TINY), Path(root))
+
+
+def rss(sizes: list[int], out: Path) -> dict:
+    rows = []
+    for n, mode in ((n, m) for n in sizes for m in ("memory_mapped", "in_memory_control")):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            write_synthetic(root / "data/prepared", n)
+            kib = root / "rss.txt"
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(ROOT / "bench/peak_rss.py"), str(kib), sys.executable, "-m",
+                            "bench.data_scale", "stage-child", str(root)] + (["--in-memory"] if mode != "memory_mapped" else []),
+                           check=True, cwd=ROOT)
+            metrics = json.loads((root / "metrics/feature_net.json").read_text())
+            rows.append({"n_images": n, "data": mode, "prepared_mib": round(sum(f.stat().st_size for f in
+                                                                 (root / "data/prepared").iterdir()) / 2**20, 1),
+                         "peak_rss_mib": round(int(kib.read_text()) / 1024, 1), "wall_s": round(time.perf_counter() - t, 1),
+                         "stage_val_accuracy": metrics["val_accuracy"]})
+            print(rows[-1], flush=True)
+    peak = {m: [r["peak_rss_mib"] for r in rows if r["data"] == m] for m in ("memory_mapped", "in_memory_control")}
+    ratio = peak["memory_mapped"][-1] / peak["memory_mapped"][0]
+    res = {"what": "peak RSS of the feature_net stage (load_prepared with sha256 verification, training from the "
+                   "memory-mapped split, batched accuracy on every split, model written)",
+           "image_shape": list(SHAPE), "rows": rows, "rss_ratio_largest_to_smallest": round(ratio, 3),
+           "control_ratio_largest_to_smallest": round(peak["in_memory_control"][-1] / peak["in_memory_control"][0], 3),
+           "flat_within_10pct": ratio <= 1.10, "note": "measured under contention (shared 2-core machine)"}
+    write_json(out, res)
+    return res
+
+
+def speed(prepared: Path, out: Path, blocks: int = 6, steps: int = 10) -> dict:
+    import torch
+
+    from bench.models import build
+    from diffrep.config import RuntimeConfig, load_config
+    from diffrep.data.prepared import load_prepared
+    from diffrep.runtime import resolve_runtime
+    from diffrep.train import Trainer
+
+    cfg, rt = load_config(ROOT / "params.yaml"), resolve_runtime(RuntimeConfig(device="cpu"))
+    prep = load_prepared(prepared)
+    variants = {"in_memory": {"images": prep.images_float("train")}, "memory_mapped": {"images": prep.image_rows("train")}}
+    trainers = {}
+    for name, data in variants.items():
+        spec = build("soda", cfg, prep.image_shape)
+        trainers[name] = Trainer(spec.model, spec.train_cfg, rt, data, seed=0, ckpt_dir=Path(tempfile.mkdtemp()),
+                                 fingerprint="bench", run_name=name, progress=False)
+        trainers[name].model.train()
+        for i in range(2):  # warm-up
+            trainers[name].train_step(i)
+    times = {k: [] for k in trainers}
+    for b in range(blocks):
+        for name in (list(trainers) if b % 2 == 0 else list(trainers)[::-1]):  # ABBA: neither always goes first
+            t = time.perf_counter()
+            for i in range(steps):
+                trainers[name].train_step(2 + b * steps + i)
+            times[name].append((time.perf_counter() - t) / steps)
+    bs = cfg.soda.train.batch_size
+    ips = {k: bs / statistics.median(v) for k, v in times.items()}
+    res = {"what": f"soda Trainer.train_step img/s on {prepared} train ({prep.manifest['counts']['train']} images), "
+                   f"batch {bs}, {blocks} interleaved blocks of {steps} steps, medians",
+           "img_per_s": {k: round(v, 1) for k, v in ips.items()},
+           "memory_mapped_over_in_memory": round(ips["memory_mapped"] / ips["in_memory"], 3),
+           "step_s_per_block": times, "torch_threads": torch.get_num_threads(),
+           "note": "measured under contention (shared 2-core machine)"}
+    write_json(out, res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.data_scale")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("rss")
+    r.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    r.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_rss.json")
+    s = sub.add_parser("speed")
+    s.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
+    s.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_speed.json")
+    c = sub.add_parser("stage-child")
+    c.add_argument("root")
+    c.add_argument("--in-memory", action="store_true")
+    a = p.parse_args(argv)
+    if a.cmd == "stage-child":
+        stage_child(a.root, a.in_memory)
+    elif a.cmd == "rss":
+        print(json.dumps(rss(a.sizes, a.out), indent=1))
+    else:
+        print(json.dumps(speed(a.prepared, a.out), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
