@@ -105,6 +105,8 @@ class DiffusionConfig(Section):
     shift: float = 1.0  # shifted_cosine: logSNR + 2*log(1/shift)
     sample_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0)
+    # where the sampler's steps fall: same (uniform t on `schedule`) | cosine | linear_logsnr (diffusion/sampler.py)
+    sample_grid: Literal["same", "cosine", "linear_logsnr"] = "same"
 
 
 # ---------------------------------------------------------------- SODA

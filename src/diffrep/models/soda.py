@@ -82,7 +82,7 @@ class Soda(nn.Module):
         if noise is None:
             noise = torch.randn((B, *self.image_shape), generator=generator).to(z.device)
         x = ddim_sample(denoise, noise, self.schedule, steps=steps or d.sample_steps, eta=d.eta,
-                        parameterization=d.parameterization, clip_x0=1.0)
+                        grid=d.sample_grid, parameterization=d.parameterization, clip_x0=1.0)
         return x.clamp(-1, 1)
 
     def reconstruct(self, x: torch.Tensor, **kw) -> torch.Tensor:
