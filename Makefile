@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test faults bench exps clean-cache help
+.PHONY: setup pipeline pipeline-shapes test test-shapes faults bench exps exps-shapes-queue clean-cache help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,8 +32,14 @@ setup: $(STAMP)  ## create .venv and install diffrep with the dev extra
 pipeline: setup  ## run the whole DVC pipeline on the embedded default data
 	$(BIN)/dvc repro
 
+pipeline-shapes: setup  ## the second pipeline: SODA on 3D shapes (pipelines/shapes; docs/shapes.md)
+	$(BIN)/dvc repro pipelines/shapes/dvc.yaml
+
 test: setup  ## run the test suite (all but the slow fault-injection cases: `make faults`)
-	$(BIN)/python -m pytest -q -m "not (slow and faults)"
+	$(BIN)/python -m pytest -q -m "not (slow and faults) and not shapes_pipeline"
+
+test-shapes: setup  ## the shapes pipeline end to end with tiny params in a temporary repository (~75 s)
+	$(BIN)/python -m pytest -q -m shapes_pipeline tests/test_shapes_pipeline.py
 
 faults: setup  ## the slow fault-injection cases (signals, a real full disk, Prefect retries; ~2 min)
 	$(BIN)/python -m pytest -q -m slow tests/test_faults_slow.py

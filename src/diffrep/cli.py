@@ -21,6 +21,7 @@ STAGES = {
     "linear_probe": "diffrep.stages.linear_probe:run",
     "generation_eval": "diffrep.stages.generation_eval:run",
     "report": "diffrep.stages.report:run",
+    "shapes_eval": "diffrep.stages.shapes_eval:run",  # pipelines/shapes
 }
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

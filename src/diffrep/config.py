@@ -262,6 +262,18 @@ class EvalConfig(Section):
     dci: DciConfig = DciConfig()
 
 
+class ShapesEvalConfig(Section):
+    """`shapes_eval` (pipelines/shapes): novel views, DCI with intervals, edits (stages/shapes_eval.py)."""
+
+    source_views: tuple[int, ...] = Field((1, 2, 3), min_length=1)  # k views averaged in z; each k < views_per_object
+    max_objects: int = Field(200, ge=2)  # test objects rendered from a new pose (the first n)
+    pose_bins: tuple[int, int] = (6, 3)  # azimuth x elevation bins of the mean-image baseline
+    edit_pairs: int = Field(100, ge=2)  # test objects whose sub-vectors are swapped with a neighbour's
+    interp_steps: int = Field(8, ge=2)  # images in the interpolation strip
+    reader_pca_dim: int = Field(64, ge=1)  # the factor reader: PCA of pixels -> a random forest per factor
+    bootstrap: int = Field(1000, ge=100)  # resamples over test objects (NVS scores, DCI)
+
+
 # ---------------------------------------------------------------- orchestration
 class PipelineConfig(Section):
     """How flows/pipeline.py runs each DVC stage under Prefect."""
@@ -283,6 +295,7 @@ class Config(Section):
     feature_net: FeatureNetConfig = FeatureNetConfig()
     probe: LinearProbeConfig = LinearProbeConfig()
     eval: EvalConfig = EvalConfig()
+    shapes_eval: ShapesEvalConfig = ShapesEvalConfig()
 
     def section(self, dotted: str) -> Any:
         """The (sub)section a dotted name picks, e.g. "ul.stage1"."""
