@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the chain as JSON")
     s.add_argument("--root", default=".", help="repository root (where dvc.lock lives)")
     s.set_defaults(func=_cmd_lineage)
+
+    from diffrep.edit import add_parsers  # `edit` and `interpolate` (the shapes pipeline's SODA)
+
+    add_parsers(sub)
     return p
 
 

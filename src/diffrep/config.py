@@ -122,7 +122,9 @@ class ViewsConfig(Section):
 
 class SodaConfig(Section):
     z_dim: int = Field(96, ge=1)
-    views: Literal["augment", "same"] = "augment"  # same: plain auto-encoding (paper's ablation)
+    views: Literal["augment", "same"] = "augment"  # same: plain auto-encoding (paper's ablation; 3D: one view)
+    # layer: one z sub-vector per UNet level (SODA); global: the whole z modulates every level (one group)
+    modulation: Literal["layer", "global"] = "layer"
     source_views: ViewsConfig = ViewsConfig()
     target_views: ViewsConfig = ViewsConfig(crop_scale=(0.8, 1.0), brightness=0.0, contrast=0.0)
     mask_rate: float = Field(0.2, ge=0, lt=1)  # per-sub-vector masking (disentanglement)
