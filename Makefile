@@ -57,5 +57,8 @@ exps: setup  ## compare DVC experiments (headline columns); EXPS_ARGS="-A" for e
 readme:  ## re-render README.md's results table from metrics/*.json
 	python3 scripts/readme_results.py $(README_ARGS)
 
+exps-shapes-queue: setup  ## queue the shapes pipeline's SODA sweeps as DVC experiments (not run; docs/shapes.md)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/shapes_sweeps.sh
+
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs

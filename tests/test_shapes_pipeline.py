@@ -50,8 +50,9 @@ def test_shapes_params_validate_and_set_every_field():
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for f in (".dvcignore", ".gitignore"):
+    for f in (".dvcignore", ".gitignore", "dvc.yaml", "params.yaml"):  # the root pipeline beside it
         shutil.copy(REPO / f, root)
+    shutil.copytree(REPO / "data/raw", root / "data/raw")
     (root / "pipelines/shapes").mkdir(parents=True)
     shutil.copy(SHAPES / "dvc.yaml", root / "pipelines/shapes")
     params = deep_merge(yaml.safe_load((SHAPES / "params.yaml").read_text()), TINY)
@@ -82,3 +83,20 @@ def test_repro_writes_the_shapes_report_with_intervals(repo):
     # its own lock, next to its own dvc.yaml; a second repro has nothing to do
     assert (repo / "dvc.lock").is_file()
     assert "didn't change" in sh("dvc", "repro", "pipelines/shapes/dvc.yaml", cwd=repo.parents[1]).stdout
+    # `dvc repro` at the root is the root pipeline only: both default to the dvc.yaml of the working directory
+    root_stages = sh("dvc", "stage", "list", cwd=repo.parents[1]).stdout
+    assert "generation_eval" in root_stages and "shapes" not in root_stages
+    assert "pipelines/shapes/dvc.yaml:shapes_eval" in sh("dvc", "stage", "list", "--all", cwd=repo.parents[1]).stdout
+
+
+def test_lineage_of_a_pipeline_in_a_sub_folder_sees_changed_code(tmp_path):
+    from diffrep.lineage import git_state
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "pipelines/shapes").mkdir(parents=True)
+    (tmp_path / "src/code.py").write_text("x = 1\n")
+    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "code")):
+        sh(*cmd, cwd=tmp_path)
+    assert git_state(tmp_path / "pipelines/shapes")["dirty"] is False
+    (tmp_path / "src/code.py").write_text("x = 2\n")
+    assert git_state(tmp_path / "pipelines/shapes")["dirty"] is True

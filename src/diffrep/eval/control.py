@@ -74,7 +74,8 @@ def edit_specificity(model, sources: torch.Tensor, poses: torch.Tensor, reader: 
     for grp in range(len(sizes)):
         edited = reader.predict(model.decode(swap_group(z, z_b, sizes, grp), p, noise=noise, steps=steps).cpu())
         rate = (edited != base).mean(0)  # (K,)
-        top = int(rate.argmax())
+        top = int(rate.argmax())  # no change at all: no top factor, specificity 0
         rows.append({"group": grp, "size": int(sizes[grp]), "change_rate": dict(zip(names, rate.round(4).tolist())),
-                     "top_factor": names[top], "specificity": float(rate[top] / max(rate.sum(), 1e-12))})
+                     "top_factor": names[top] if rate.sum() > 0 else None,
+                     "specificity": float(rate[top] / rate.sum()) if rate.sum() > 0 else 0.0})
     return {"groups": rows, "noise_floor": dict(zip(names, floor.round(4).tolist())), "pairs": int(len(sources))}

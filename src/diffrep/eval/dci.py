@@ -148,10 +148,13 @@ def permutation_contributions(codes_train, y_train, codes_test, y_test, *, n_est
         est = RandomForestClassifier(n_estimators=n_estimators, max_features=None, max_depth=max_depth,
                                      min_samples_leaf=5, n_jobs=-1, random_state=seed).fit(ztr, y_train[:, k])
         correct[:, k] = est.predict(zte) == y_test[:, k]
-        shuffled = np.repeat(zte[None], D, 0)  # (D, N, D): copy i has dim i permuted
-        shuffled[np.arange(D), :, np.arange(D)] = zte[perm].T
-        pred = est.predict(shuffled.reshape(D * N, D)).reshape(D, N)
-        drop[:, :, k] = correct[None, :, k] - (pred == y_test[None, :, k])
+        step = max(1, 4_000_000 // (N * D))  # code dims per chunk: (step, N, D) float64 stays ~32 MB
+        for i0 in range(0, D, step):
+            dims = np.arange(i0, min(D, i0 + step))
+            shuffled = np.repeat(zte[None], len(dims), 0)  # copy j has dim dims[j] permuted
+            shuffled[np.arange(len(dims)), :, dims] = zte[perm][:, dims].T
+            pred = est.predict(shuffled.reshape(-1, D)).reshape(len(dims), N)
+            drop[dims, :, k] = correct[None, :, k] - (pred == y_test[None, :, k])
     return correct, drop
 
 

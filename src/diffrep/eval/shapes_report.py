@@ -99,7 +99,7 @@ def write(folder: Path, figures: Path, scores: dict, cfg) -> None:
           "| group | size | top factor | specificity | change rate per factor |", "|---|---|---|---|---|"]
     for g in c["groups"]:
         rates = ", ".join(f"{k} {v:.2f}" for k, v in g["change_rate"].items())
-        L.append(f"| {g['group']} | {g['size']} | {g['top_factor']} | {g['specificity']:.2f} | {rates} |")
+        L.append(f"| {g['group']} | {g['size']} | {g['top_factor'] or '-'} | {g['specificity']:.2f} | {rates} |")
     L += ["", "Noise floor: " + ", ".join(f"{k} {v:.2f}" for k, v in c["noise_floor"].items()),
           "", "Reader test accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in c["reader_test_accuracy"].items()),
           "", "Edit grid (rows: objects; columns: a, b, a decoded, then a with sub-vector g of b, g = 0..):", "",
