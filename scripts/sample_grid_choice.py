@@ -12,8 +12,6 @@ is read: the choice is then written into params.yaml by hand, and test is read o
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 import torch

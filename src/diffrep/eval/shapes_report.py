@@ -79,7 +79,7 @@ def write(folder: Path, figures: Path, scores: dict, cfg) -> None:
     for r in nv["paired"]:
         L.append(f"| {r['a']} - {r['b']} | {r['metric']} | {r['diff']:+.3g} | {_ci(r['diff_ci95'])} | "
                  f"{r['p_value']:.3g} | {r.get('test', '')} |")
-    L += ["", f"NVS against k (PSNR): " + ", ".join(f"k={k}: {nv['methods'][f'soda_k{k}']['psnr']:.2f}" for k in ks),
+    L += ["", "NVS against k (PSNR): " + ", ".join(f"k={k}: {nv['methods'][f'soda_k{k}']['psnr']:.2f}" for k in ks),
           "", "## Disentanglement (DCI)", "",
           f"Importance: {d['importance']}. {d['n_test_objects']} test objects.", "",
           "| code | dim | D | C | I |", "|---|---|---|---|---|"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffrep.config import Config, to_dict
@@ -34,7 +33,8 @@ MODELS = {"soda": ("models/soda", "soda", "encode"), "ul": ("models/ul_stage1", 
 OUT, REPORT = Path("results/shapes_eval"), Path("reports")
 
 
-def novel_views(soda, prep, cfg: Config, featnet, dev) -> tuple[dict, torch.Tensor]:
+def novel_views(soda, prep, cfg: Config, featnet, dev) -> tuple[dict, torch.Tensor, int]:
+    """-> (scores, grid images, grid columns)."""
     s = cfg.shapes_eval
     test = {f: torch.from_numpy(prep.array("test", f)) for f in ("poses", "object_ids")}
     views, poses = group_views(prep.images_float("test"), test["poses"], test["object_ids"])
@@ -49,7 +49,7 @@ def novel_views(soda, prep, cfg: Config, featnet, dev) -> tuple[dict, torch.Tens
     out = nvs.score_table(preds, target, resamples=s.bootstrap, seed=cfg.seed, against=pairs)
     feats = lambda x: batched(featnet.features, x, device=dev).float()
     fd = distances(feats(target), {n: [feats(x)] for n, x in preds.items()}, resamples=cfg.eval.bootstrap,
-                   seed=cfg.seed, pairs=[p for p in pairs if p[1] != k1] + [p for p in pairs if p[1] == k1])
+                   seed=cfg.seed, pairs=pairs)
     for name in preds:
         out["methods"][name] |= {"fd": fd[name]["fd"], "fd_ci95": fd[name]["fd_ci95"]}
     out["paired"] += [r | {"metric": "fd"} for r in fd["paired"] if r["metric"] == "fd"]
