@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup pipeline test faults scale gpu-check bench exps clean-cache help
+.PHONY: setup pipeline pipeline-shapes test test-shapes faults scale gpu-check bench exps exps-shapes-queue clean-cache help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,11 +32,17 @@ setup: $(STAMP)  ## create .venv and install diffrep with the dev extra
 pipeline: setup  ## run the whole DVC pipeline on the embedded default data
 	$(BIN)/dvc repro
 
-test: setup  ## run the test suite (all but the slow fault-injection cases: `make faults`, and `make scale`)
-	$(BIN)/python -m pytest -q -m "not (slow and faults) and not scale"
+pipeline-shapes: setup  ## the second pipeline: SODA on 3D shapes (pipelines/shapes; docs/shapes.md)
+	$(BIN)/dvc repro pipelines/shapes/dvc.yaml
+
+test: setup  ## run the test suite (all but the slow suites: `make faults`, `make scale`, `make test-shapes`)
+	$(BIN)/python -m pytest -q -m "not (slow and faults) and not scale and not shapes_pipeline"
 
 scale: setup  ## the multi-process cases: `dvc repro` with 2 launched DDP workers, two local "nodes", preset steps, gpu-check on CPU (~10 min)
 	$(BIN)/python -m pytest -q -m scale tests/test_launch.py tests/test_presets.py tests/test_gpu_check.py
+
+test-shapes: setup  ## the shapes pipeline end to end with tiny params in a temporary repository (~75 s)
+	$(BIN)/python -m pytest -q -m shapes_pipeline tests/test_shapes_pipeline.py
 
 faults: setup  ## the slow fault-injection cases (signals, a real full disk, Prefect retries; ~2 min)
 	$(BIN)/python -m pytest -q -m slow tests/test_faults_slow.py
@@ -56,6 +62,9 @@ exps: setup  ## compare DVC experiments (headline columns); EXPS_ARGS="-A" for e
 .PHONY: readme
 readme:  ## re-render README.md's results table from metrics/*.json
 	python3 scripts/readme_results.py $(README_ARGS)
+
+exps-shapes-queue: setup  ## queue the shapes pipeline's SODA sweeps as DVC experiments (not run; docs/shapes.md)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/shapes_sweeps.sh
 
 clean-cache:  ## remove resume checkpoints and TensorBoard runs
 	rm -rf .cache/checkpoints runs

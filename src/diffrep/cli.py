@@ -21,6 +21,7 @@ STAGES = {
     "linear_probe": "diffrep.stages.linear_probe:run",
     "generation_eval": "diffrep.stages.generation_eval:run",
     "report": "diffrep.stages.report:run",
+    "shapes_eval": "diffrep.stages.shapes_eval:run",  # pipelines/shapes
 }
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the chain as JSON")
     s.add_argument("--root", default=".", help="repository root (where dvc.lock lives)")
     s.set_defaults(func=_cmd_lineage)
+
+    from diffrep.edit import add_parsers  # `edit` and `interpolate` (the shapes pipeline's SODA)
+
+    add_parsers(sub)
     return p
 
 

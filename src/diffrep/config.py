@@ -121,6 +121,8 @@ class DiffusionConfig(Section):
     shift: float = 1.0  # shifted_cosine: logSNR + 2*log(1/shift)
     sample_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0)
+    # where the sampler's steps fall: same (uniform t on `schedule`) | cosine | linear_logsnr (diffusion/sampler.py)
+    sample_grid: Literal["same", "cosine", "linear_logsnr"] = "same"
 
 
 # ---------------------------------------------------------------- SODA
@@ -136,7 +138,9 @@ class ViewsConfig(Section):
 
 class SodaConfig(Section):
     z_dim: int = Field(96, ge=1)
-    views: Literal["augment", "same"] = "augment"  # same: plain auto-encoding (paper's ablation)
+    views: Literal["augment", "same"] = "augment"  # same: plain auto-encoding (paper's ablation; 3D: one view)
+    # layer: one z sub-vector per UNet level (SODA); global: the whole z modulates every level (one group)
+    modulation: Literal["layer", "global"] = "layer"
     source_views: ViewsConfig = ViewsConfig()
     target_views: ViewsConfig = ViewsConfig(crop_scale=(0.8, 1.0), brightness=0.0, contrast=0.0)
     mask_rate: float = Field(0.2, ge=0, lt=1)  # per-sub-vector masking (disentanglement)
@@ -277,6 +281,18 @@ class EvalConfig(Section):
     dci: DciConfig = DciConfig()
 
 
+class ShapesEvalConfig(Section):
+    """`shapes_eval` (pipelines/shapes): novel views, DCI with intervals, edits (stages/shapes_eval.py)."""
+
+    source_views: tuple[int, ...] = Field((1, 2, 3), min_length=1)  # k views averaged in z; each k < views_per_object
+    max_objects: int = Field(200, ge=2)  # test objects rendered from a new pose (the first n)
+    pose_bins: tuple[int, int] = (6, 3)  # azimuth x elevation bins of the mean-image baseline
+    edit_pairs: int = Field(100, ge=2)  # test objects whose sub-vectors are swapped with a neighbour's
+    interp_steps: int = Field(8, ge=2)  # images in the interpolation strip
+    reader_pca_dim: int = Field(64, ge=1)  # the factor reader: PCA of pixels -> a random forest per factor
+    bootstrap: int = Field(1000, ge=100)  # resamples over test objects (NVS scores, DCI)
+
+
 # ---------------------------------------------------------------- orchestration
 class PipelineConfig(Section):
     """How flows/pipeline.py runs each DVC stage under Prefect."""
@@ -298,6 +314,7 @@ class Config(Section):
     feature_net: FeatureNetConfig = FeatureNetConfig()
     probe: LinearProbeConfig = LinearProbeConfig()
     eval: EvalConfig = EvalConfig()
+    shapes_eval: ShapesEvalConfig = ShapesEvalConfig()
 
     def section(self, dotted: str) -> Any:
         """The (sub)section a dotted name picks, e.g. "ul.stage1"."""

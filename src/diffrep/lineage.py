@@ -32,7 +32,9 @@ def _git(*args: str, cwd: Path) -> str | None:
 def git_state(root: Path) -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD", cwd=root)
     # Only code changes make a run "dirty": outputs, metrics and dvc.lock change by design during `dvc repro`.
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", "src", "flows", "pyproject.toml", cwd=root)
+    # ":/" = from the repository's top, so a pipeline rooted in a sub-folder (pipelines/shapes) sees src/ too.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/flows", ":/pyproject.toml",
+                  cwd=root)
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

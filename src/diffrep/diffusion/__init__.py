@@ -16,7 +16,7 @@ from .gaussian import (
 )
 from .guidance import cfg_combine, guided_batched, tile_batch
 from .losses import NATS_PER_BIT, WEIGHTINGS, loss_weight, prior_kl_terminal, training_losses, ve_weighted
-from .sampler import ddim_sample
+from .sampler import SAMPLE_GRIDS, ddim_sample, sample_logsnrs
 from .schedules import SCHEDULES, LinearSigma, Schedule, logsnr_of_sigma, make_schedule, schedule_of, t_for_logsnr
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "training_losses",
     "prior_kl_terminal",
     "ddim_sample",
+    "sample_logsnrs",
+    "SAMPLE_GRIDS",
     "cfg_combine",
     "guided_batched",
     "tile_batch",

@@ -7,9 +7,16 @@ One step from the noisier level s to the cleaner level t (logsnr_t > logsnr_s):
 sigma_t^2 (1 - SNR_s/SNR_t) is the variance of q(z_t | z_s, x) (VDM), so eta=1
 is the ancestral DDPM sampler and eta=0 the deterministic DDIM ODE step.
 
-Steps follow a uniform grid in t from t_start to t_end (the schedule sets how
-that maps to logSNR). Function evaluations: `steps` for return_="z", one more
-for return_="x0" (the denoiser's x0 prediction at t_end).
+The grid of noise levels (`grid`, a model's `diffusion.sample_grid`) runs
+between the schedule's logSNR at t_start and at t_end:
+  "same"           uniform in t on the training schedule (the default: for the
+                   inverted cosine at 25 steps the last step jumps from logSNR
+                   1.9 to 15);
+  "cosine"         uniform in t on a cosine schedule with those endpoints;
+  "linear_logsnr"  uniform in logSNR.
+The training schedule only sets the endpoints of the other two. Function
+evaluations: `steps` for return_="z", one more for return_="x0" (the
+denoiser's x0 prediction at t_end).
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from .gaussian import check_parameterization, to_x0_eps
-from .schedules import Schedule
+from .schedules import Schedule, make_schedule
+
+SAMPLE_GRIDS: tuple[str, ...] = ("same", "cosine", "linear_logsnr")
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,6 +41,21 @@ def _alpha_sigma(logsnr: float) -> tuple[float, float]:
     return math.exp(0.5 * log_sigmoid(logsnr)), math.exp(0.5 * log_sigmoid(-logsnr))
 
 
+def sample_logsnrs(schedule: Schedule, steps: int, grid: str = "same", t_start: float = 1.0,
+                   t_end: float = 0.0) -> list[float]:
+    """The steps + 1 logSNR levels DDIM visits, noisiest first, as Python floats (see the module docstring)."""
+    if grid not in SAMPLE_GRIDS:
+        raise ValueError(f"sample grid {grid!r} is unknown; choose one of {SAMPLE_GRIDS}")
+    ts = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+    lams = schedule(ts)
+    lo, hi = float(lams[0]), float(lams[-1])
+    if grid == "same" or not lo < hi:  # a degenerate range (both ends in a clamp) has one grid only
+        return lams.tolist()
+    if grid == "cosine":
+        return make_schedule("cosine", lo, hi)(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).tolist()
+    return torch.linspace(lo, hi, steps + 1, dtype=torch.float64).tolist()
+
+
 @torch.no_grad()
 def ddim_sample(
     denoise_fn: DenoiseFn,
@@ -42,6 +66,7 @@ def ddim_sample(
     eta: float = 0.0,
     t_start: float = 1.0,
     t_end: float = 0.0,
+    grid: str = "same",
     parameterization: str = "eps",
     generator: torch.Generator | None = None,
     return_: Literal["x0", "z"] = "x0",
@@ -64,6 +89,7 @@ def ddim_sample(
     clip_x0: clamp x0_hat to [-clip_x0, clip_x0] at every step (eps_hat is
     recomputed to stay consistent with z).
     eta: 0 deterministic; 1 ancestral (DDPM posterior variance).
+    grid: where the steps fall, "same" | "cosine" | "linear_logsnr" (module docstring).
     """
     check_parameterization(parameterization)
     if return_ not in ("x0", "z"):
@@ -86,8 +112,7 @@ def ddim_sample(
     batch = z.shape[0]
 
     # The whole logSNR grid as Python floats up front: no host sync inside the loop.
-    ts = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
-    lams = schedule(ts).tolist()
+    lams = sample_logsnrs(schedule, steps, grid, t_start, t_end)
 
     def predict(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         lam_b = torch.full((batch,), lam, device=z.device, dtype=torch.float32)  # (B,)

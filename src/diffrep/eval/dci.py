@@ -124,3 +124,83 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, factor_names: l
         "method": method,
         "importance": np.round(R, 4).tolist(),  # (D, K)
     }
+
+
+# ---------------------------------------------------------------- intervals over test objects
+def permutation_contributions(codes_train, y_train, codes_test, y_test, *, n_estimators: int = 20,
+                              max_depth: int | None = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per test row: correct (N, K) and the drop when one code dim is permuted, drop (D, N, K).
+
+    A random forest per factor is fit on the training codes once; the importance of dim i for factor k is
+    the mean over test rows of drop[i, :, k] (permutation importance). Both are per-row, so a bootstrap over
+    test objects re-averages rows and never refits.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    mu, sd = codes_train.mean(0), codes_train.std(0) + 1e-8
+    ztr, zte = (codes_train - mu) / sd, (codes_test - mu) / sd
+    D, K, N = ztr.shape[1], y_train.shape[1], len(zte)
+    perm = np.random.default_rng(seed).permutation(N)
+    correct, drop = np.ones((N, K)), np.zeros((D, N, K))
+    for k in range(K):
+        if len(np.unique(y_train[:, k])) < 2:
+            continue  # a constant factor: always right, nothing to attribute
+        est = RandomForestClassifier(n_estimators=n_estimators, max_features=None, max_depth=max_depth,
+                                     min_samples_leaf=5, n_jobs=-1, random_state=seed).fit(ztr, y_train[:, k])
+        correct[:, k] = est.predict(zte) == y_test[:, k]
+        step = max(1, 4_000_000 // (N * D))  # code dims per chunk: (step, N, D) float64 stays ~32 MB
+        for i0 in range(0, D, step):
+            dims = np.arange(i0, min(D, i0 + step))
+            shuffled = np.repeat(zte[None], len(dims), 0)  # copy j has dim dims[j] permuted
+            shuffled[np.arange(len(dims)), :, dims] = zte[perm][:, dims].T
+            pred = est.predict(shuffled.reshape(-1, D)).reshape(len(dims), N)
+            drop[dims, :, k] = correct[None, :, k] - (pred == y_test[None, :, k])
+    return correct, drop
+
+
+def _scores(correct: np.ndarray, drop: np.ndarray, rows: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    R = np.clip(drop[:, rows].mean(1), 0.0, None)  # (D, K)
+    R = R / np.clip(R.sum(0, keepdims=True), 1e-12, None)
+    return disentanglement(R), completeness(R), float(correct[rows].mean()), R
+
+
+def dci_intervals(codes: dict[str, tuple[np.ndarray, np.ndarray]], factors_train, factors_test, groups_test, *,
+                  bins: int = 10, n_estimators: int = 20, max_depth: int | None = 8, resamples: int = 1000,
+                  seed: int = 0, against: str | None = None, factor_names: list[str] | None = None) -> dict:
+    """DCI (permutation importance) of each named code (train, test), bootstrap intervals over test objects.
+
+    groups_test (N,): the object of each test row; a resample draws objects, so an object's views stay
+    together. Every code shares the resampled objects, so `against` (a code name) gets paired differences
+    (interval and two-sided bootstrap p) against every other code.
+    """
+    y_tr, y_te = discretize(np.asarray(factors_train), np.asarray(factors_test), bins)
+    objs, inv = np.unique(np.asarray(groups_test), return_inverse=True)
+    members = [np.flatnonzero(inv == o) for o in range(len(objs))]
+    rng = np.random.default_rng(seed)
+    draws = [np.concatenate([members[o] for o in rng.integers(0, len(objs), len(objs))]) for _ in range(resamples)]
+    every = np.arange(len(inv))
+    out, boot = {}, {}
+    for name, (tr, te) in codes.items():
+        tr, te = np.asarray(tr, np.float64), np.asarray(te, np.float64)
+        if not (np.isfinite(tr).all() and np.isfinite(te).all()):
+            raise ValueError(f"dci: code {name!r} contains NaN or Inf (the encoder diverged)")
+        correct, drop = permutation_contributions(tr, y_tr, te, y_te, n_estimators=n_estimators,
+                                                  max_depth=max_depth, seed=seed)
+        d, c, i, R = _scores(correct, drop, every)
+        boot[name] = np.array([_scores(correct, drop, rows)[:3] for rows in draws])  # (B, 3)
+        out[name] = {"disentanglement": d, "completeness": c, "informativeness": i, "code_dim": int(tr.shape[1]),
+                     "importance": np.round(R, 4).tolist(),
+                     "per_factor_accuracy": dict(zip(factor_names or range(R.shape[1]), correct.mean(0).tolist()))}
+        for j, key in enumerate(("disentanglement", "completeness", "informativeness")):
+            out[name][f"{key}_ci95"] = np.quantile(boot[name][:, j], [0.025, 0.975]).tolist()
+    paired = []
+    for other in (n for n in codes if against and n != against):
+        for j, key in enumerate(("disentanglement", "completeness", "informativeness")):
+            diff = boot[against][:, j] - boot[other][:, j]
+            p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean()) + 1 / resamples)
+            paired.append({"a": against, "b": other, "metric": key, "p_value": float(p),
+                           "diff": out[against][key] - out[other][key],
+                           "diff_ci95": np.quantile(diff, [0.025, 0.975]).tolist()})
+    return {"codes": out, "paired": paired, "factor_names": factor_names, "n_test_objects": int(len(objs)),
+            "importance": "permutation (test rows), random forest per factor fit on train",
+            "test": f"paired bootstrap over test objects ({resamples} draws)"}

@@ -62,3 +62,10 @@ def pca_features(train: torch.Tensor, *others: torch.Tensor, dim: int, seed: int
 def spread(n: int, k: int) -> torch.Tensor:
     """k indices evenly spaced over n rows: every class of a class-sorted split is represented."""
     return torch.linspace(0, n - 1, min(k, n)).round().long()
+
+
+def subset(n_total: int, n: int, *keys) -> torch.Tensor:
+    """n of n_total row indices, a fixed random draw keyed by `keys` (train.rng.derive_seed)."""
+    from diffrep.train.rng import derive_seed
+
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(*keys)))[:n]

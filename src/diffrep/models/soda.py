@@ -26,14 +26,19 @@ class Soda(nn.Module):
         self.cfg, self.image_shape, self.pose_dim = cfg, tuple(image_shape), pose_dim
         self.encoder = ResNetEncoder.from_config(cfg.encoder, C, H, out_dim=cfg.z_dim, output="vector",
                                                    head=cfg.encoder_head)
-        self.decoder = UNet.from_config(cfg.unet, C, C, H, z_dim=cfg.z_dim, pose_dim=pose_dim)
-        self.n_groups = len(cfg.unet.channel_mult)  # one z sub-vector per resolution level
+        self.decoder = UNet.from_config(cfg.unet, C, C, H, z_dim=cfg.z_dim, pose_dim=pose_dim,
+                                        z_split=cfg.modulation == "layer")
+        self.n_groups = len(self.decoder.z_sizes)  # layer: one z sub-vector per resolution level; global: one
         self.schedule = schedule_of(cfg.diffusion)
 
     # ------------------------------------------------------------ training
     def views(self, batch: dict[str, torch.Tensor], rng):
         """-> source (B,C,H,W), target (B,C,H,W), target pose (B,P) or None."""
         if "poses" in batch:  # 3D data: images (B, V, C, H, W), one row per object
+            if self.cfg.views == "same":  # auto-encoding one view at its own pose (the NVS ablation)
+                images, poses = batch["images"], batch["poses"]
+                view, ar = rng.randint(images.shape[1]), torch.arange(images.shape[0])
+                return images[ar, view], images[ar, view], poses[ar, view]
             return pick_two_views(batch["images"], batch["poses"], rng)
         x = batch["images"]
         if self.cfg.views == "same":
@@ -83,7 +88,7 @@ class Soda(nn.Module):
         if noise is None:
             noise = torch.randn((B, *self.image_shape), generator=generator).to(z.device)
         x = ddim_sample(denoise, noise, self.schedule, steps=steps or d.sample_steps, eta=d.eta,
-                        parameterization=d.parameterization, clip_x0=1.0)
+                        grid=d.sample_grid, parameterization=d.parameterization, clip_x0=1.0)
         return x.clamp(-1, 1)
 
     def reconstruct(self, x: torch.Tensor, **kw) -> torch.Tensor:

@@ -148,8 +148,8 @@ class UnifiedLatents(nn.Module):
         if noise is None:
             noise = torch.randn((z0.shape[0], *self.image_shape), generator=generator).to(z0.device)
         x = ddim_sample(lambda x_t, logsnr: self.decoder(x_t, logsnr, cond=z0), noise, self.schedule,
-                        steps=steps or d.sample_steps, eta=d.eta, parameterization=d.parameterization,
-                        clip_x0=1.0, generator=generator if d.eta > 0 and noise.device.type == "cpu" else None)
+                        steps=steps or d.sample_steps, eta=d.eta, grid=d.sample_grid,
+                        parameterization=d.parameterization, clip_x0=1.0, generator=generator if d.eta > 0 and noise.device.type == "cpu" else None)
         return x.clamp(-1, 1)
 
     @torch.no_grad()
@@ -204,7 +204,7 @@ class UlBase(nn.Module):
         d = self.cfg.diffusion
         noise = torch.randn((n, *self.latent_shape), generator=generator).to(device)
         return ddim_sample(self.net, noise, self.schedule, steps=steps or d.sample_steps, eta=d.eta,
-                           t_end=self.t_end, parameterization=d.parameterization, return_="z",
+                           t_end=self.t_end, grid=d.sample_grid, parameterization=d.parameterization, return_="z",
                            generator=generator if d.eta > 0 and noise.device.type == "cpu" else None)
 
 

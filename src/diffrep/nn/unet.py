@@ -83,7 +83,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, image_size: int, channels: int = 32,
                  channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attn_resolutions: tuple[int, ...] = (4,), groups: int = 8, heads: int = 2,
-                 z_dim: int = 0, pose_dim: int = 0, cond_channels: int = 0):
+                 z_dim: int = 0, pose_dim: int = 0, cond_channels: int = 0, z_split: bool = True):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
@@ -100,14 +100,17 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.levels = levels
         self.z_dim, self.pose_dim, self.cond_channels = z_dim, pose_dim, cond_channels
-        self.z_sizes = split_sizes(z_dim, levels) if z_dim else []  # sub-vector size per level, finest first
+        # sub-vector sizes, finest level first; z_split=False: one group, the whole z modulates every level
+        self.z_split = z_split
+        self.z_sizes = (split_sizes(z_dim, levels) if z_split else [z_dim]) if z_dim else []
         temb_dim = 4 * channels
         self.time_embed = LogSNREmbedding(temb_dim)
         self.pose_embed = VectorEmbedding(pose_dim, temb_dim) if pose_dim else None
         self.conv_in = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
 
         def res(cin, cout, level):
-            return ResBlock(cin, cout, temb_dim, self.z_sizes[level] if z_dim else 0, groups, level)
+            zin = (self.z_sizes[level] if z_split else z_dim) if z_dim else 0
+            return ResBlock(cin, cout, temb_dim, zin, groups, level)
 
         def attn(ch, size):
             return SelfAttention2d(ch, heads, groups) if size in attn_resolutions else nn.Identity()
@@ -143,11 +146,11 @@ class UNet(nn.Module):
 
     def _latent_groups(self, z, z_keep, B):
         """Per level: (z sub-vector (B, size), keep (B,) or None), or (None, None) without z."""
-        levels = self.levels
         if z is None:
             if z_keep is not None:
                 raise ValueError("UNet: z_keep was given without z")
-            return [(None, None)] * levels
+            return [(None, None)] * self.levels
+        levels = len(self.z_sizes)  # columns of z_keep: one per group
         if not self.z_dim:
             raise ValueError("UNet: got z but the model was built with z_dim=0")
         if tuple(z.shape) != (B, self.z_dim):
@@ -155,6 +158,8 @@ class UNet(nn.Module):
         if z_keep is not None and tuple(z_keep.shape) != (B, levels):
             raise ValueError(f"UNet: z_keep must be a ({B}, {levels}) bool mask (one column per level), "
                              f"got {tuple(z_keep.shape)}")
+        if not self.z_split:
+            return [(z, None if z_keep is None else z_keep[:, 0])] * self.levels
         groups = z.split(self.z_sizes, dim=1)
         return [(g, None if z_keep is None else z_keep[:, i]) for i, g in enumerate(groups)]
 

@@ -34,7 +34,7 @@ from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.dci import dci
 from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.features import batched, pca_features, quantise
+from diffrep.eval.features import batched, pca_features, quantise, subset
 from diffrep.eval.fid import InceptionFeatures
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.eval.reference import load_reference, save_features
@@ -47,10 +47,6 @@ from diffrep.train.rng import derive_seed
 PREPARED, FEATNET, REFERENCE = Path("data/prepared"), Path("models/feature_net"), Path("data/fid_reference")
 UL1, UL2, SODA = Path("models/ul_stage1"), Path("models/ul_stage2"), Path("models/soda")
 OUT = Path("results/generation_eval")
-
-
-def subset(n_total: int, n: int, *keys) -> torch.Tensor:
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(*keys)))[:n]
 
 
 def headline(d: dict, space: str) -> dict:
