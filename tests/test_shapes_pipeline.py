@@ -25,7 +25,7 @@ TINY = {
     "data": {"image_size": 8, "min_per_class": 1, "shapes": {"n_objects": 40, "views_per_object": 4}},
     "runtime": {"device": "cpu", "num_threads": 1},
     "soda": {"z_dim": 6, "encoder": {"width": 8, "stages": 2}, "unet": NET, "diffusion": {"sample_steps": 2},
-             "train": TRAIN, "eval_images": 4},
+             "train": TRAIN | {"eval_every": 3}, "eval_images": 4},  # the online val kNN on 3D views too
     "ul": {"stage1": {"encoder": {"width": 8, "stages": 2}, "prior": NET, "decoder": NET,
                       "decoder_diffusion": {"sample_steps": 2}, "train": TRAIN, "eval_images": 8}},
     "ldae": {"pca_dim": 4, "pca_fit_patches": 100, "vit": {"patch_size": 4, "dim": 16, "depth": 2, "heads": 2},
@@ -44,6 +44,17 @@ def test_shapes_params_validate_and_set_every_field():
 
     load_config(SHAPES / "params.yaml")
     assert unset_fields(Config, yaml.safe_load((SHAPES / "params.yaml").read_text())) == []
+
+
+def test_shared_stages_match_the_root_pipeline():
+    """The stages both pipelines run (same code) declare the same deps, params and plots, so neither goes stale alone."""
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    shapes = yaml.safe_load((SHAPES / "dvc.yaml").read_text())["stages"]
+    for name in ("prepare", "soda", "ul_stage1", "ldae", "feature_net"):
+        src = sorted(d for d in root[name]["deps"] if d.startswith("src/"))
+        assert sorted(d.removeprefix("../../") for d in shapes[name]["deps"] if d.startswith("../../")) == src, name
+        assert shapes[name]["params"] == root[name]["params"], name
+        assert shapes[name].get("plots") == root[name].get("plots"), name
 
 
 @pytest.fixture(scope="module")
