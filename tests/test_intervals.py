@@ -107,3 +107,22 @@ def test_distances_intervals_and_paired_ratio():
     assert fd_row["p_value"] < 0.05 and fd_row["diff_ci95"][0] > 0 and fd_row["ratio"] > 5
     with pytest.raises(ValueError, match="same D"):
         distances(ref, {"bad": [torch.randn(10, 5)]}, resamples=20, seed=0)
+
+
+def test_reconstruction_scores_are_means_of_per_image_scores_with_bootstrap_intervals():
+    from diffrep.eval.recon import mean_with_ci, psnr, psnr_per_image, scores, ssim, ssim_per_image
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    per = psnr_per_image(y, x)
+    mse = ((y - x) / 2).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per, 10 * torch.log10(1 / mse))  # the closed form, image by image
+    assert psnr(y, x) == pytest.approx(per.mean().item()) and ssim(y, x) == pytest.approx(ssim_per_image(y, x).mean().item())
+    s = scores(y, x, "recon")
+    lo, hi = s["recon_psnr_ci95"]
+    assert lo < s["recon_psnr"] < hi and per.min() <= lo and hi <= per.max()
+    assert s["recon_ssim_ci95"][0] < s["recon_ssim"] < s["recon_ssim_ci95"][1]
+    same = scores(x, x, "recon")  # identical images: SSIM 1 everywhere, an interval of zero width
+    assert same["recon_ssim"] == pytest.approx(1.0) and same["recon_ssim_ci95"] == pytest.approx([1.0, 1.0])
+    assert mean_with_ci(torch.full((7,), 0.25), "bpp") == {"bpp": 0.25, "bpp_ci95": [0.25, 0.25]}

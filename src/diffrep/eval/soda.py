@@ -13,7 +13,7 @@ import torch
 from diffrep.data.prepared import group_views
 from diffrep.eval.features import batched, spread
 from diffrep.eval.grid import interleave
-from diffrep.eval.recon import psnr, ssim
+from diffrep.eval.recon import psnr, scores, ssim
 
 
 def soda_views(model, images: torch.Tensor, poses: torch.Tensor | None, object_ids: torch.Tensor | None,
@@ -24,15 +24,14 @@ def soda_views(model, images: torch.Tensor, poses: torch.Tensor | None, object_i
         src = images[pick]  # (n, C, H, W)
         rec = batched(lambda x: model.reconstruct(x, steps=steps, generator=generator), src, device=device)
         s = spread(len(src), show)
-        return {"recon_psnr": psnr(rec, src), "recon_ssim": ssim(rec, src)}, interleave(src[s], rec[s]), 2
+        return scores(rec, src, "recon"), interleave(src[s], rec[s]), 2
     views, pose = group_views(images, poses, object_ids)  # (n_obj, V, C, H, W), (n_obj, V, P)
     pick = pick[pick < len(views)]
     src, tgt, src_pose, tgt_pose = views[pick, 0], views[pick, 1], pose[pick, 0], pose[pick, 1]
     rec = batched(lambda x, p: model.decode(model.encode(x), p, steps=steps, generator=generator), src, src_pose,
                   device=device)
     nv = batched(lambda x, p: model.novel_view(x, p, steps=steps, generator=generator), src, tgt_pose, device=device)
-    m = {"recon_psnr": psnr(rec, src), "recon_ssim": ssim(rec, src),
-         "novel_view_psnr": psnr(nv, tgt), "novel_view_ssim": ssim(nv, tgt),
-         "novel_view_psnr_copy_source": psnr(src, tgt), "novel_view_ssim_copy_source": ssim(src, tgt)}
+    m = scores(rec, src, "recon") | scores(nv, tgt, "novel_view") | {
+        "novel_view_psnr_copy_source": psnr(src, tgt), "novel_view_ssim_copy_source": ssim(src, tgt)}
     s = spread(len(src), 12)
     return m, interleave(src[s], rec[s], tgt[s], nv[s]), 4

@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 
 from diffrep.eval.features import batched, quantise
-from diffrep.eval.recon import psnr, ssim
+from diffrep.eval.recon import scores
 from diffrep.train.rng import BatchRNG
 
 
 def reconstruction(model, x: torch.Tensor, *, generator: torch.Generator, steps: int | None = None, device,
                    batch_size: int = 500) -> tuple[dict, torch.Tensor]:
-    """-> ({recon_psnr, recon_ssim}, reconstructions quantised to the data's 256 levels)."""
+    """-> ({recon_psnr, recon_ssim, with _ci95}, reconstructions quantised to the data's 256 levels)."""
     rec = quantise(batched(lambda b: model.reconstruct(b, steps=steps, generator=generator), x,
                            batch_size=batch_size, device=device))
-    return {"recon_psnr": psnr(rec, x), "recon_ssim": ssim(rec, x)}, rec
+    return scores(rec, x, "recon"), rec
 
 
 @torch.no_grad()

@@ -64,6 +64,14 @@ def ci(summary: dict | None, pct: bool = True) -> str:
     return f"{fmt(v)} [{fmt(lo, digits=3)}, {fmt(hi, digits=3)}]"
 
 
+def with_ci(m: dict, key: str) -> str:
+    """`18.89 [18.41, 19.36]`: m[key] and its sibling m[key_ci95] when the stage wrote one."""
+    if m.get(key) is None:
+        return "—"
+    lo_hi = m.get(f"{key}_ci95")
+    return fmt(m[key]) + (f" [{fmt(lo_hi[0], digits=3)}, {fmt(lo_hi[1], digits=3)}]" if lo_hi else "")
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -220,18 +228,19 @@ def section_recon(m: dict) -> list[str]:
     u1, sd = m.get("ul_stage1") or {}, m.get("soda") or {}
     rows = []
     if "recon_psnr" in u1:
-        rows.append(["UL (stage 1)", fmt(u1["recon_psnr"]), fmt(u1.get("recon_ssim")), fmt(u1.get("bits_per_pixel"))])
+        rows.append(["UL (stage 1)", with_ci(u1, "recon_psnr"), with_ci(u1, "recon_ssim"), with_ci(u1, "bits_per_pixel")])
     if "recon_psnr" in sd:
-        rows.append(["SODA", fmt(sd["recon_psnr"]), fmt(sd.get("recon_ssim")), "—"])
+        rows.append(["SODA", with_ci(sd, "recon_psnr"), with_ci(sd, "recon_ssim"), "—"])
     if not rows:
         return []
     out = ["## Reconstruction", "", "PSNR (dB, [0, 1] scale) and SSIM of encode -> decode from pure noise on test "
-           "images (quantised to 8 bits like the data); UL bits per pixel from the prior's ELBO.", ""]
+           "images (quantised to 8 bits like the data); UL bits per pixel from the prior's ELBO. Each is a mean over "
+           "test images with its 95% bootstrap interval over those images.", ""]
     out += table(["model", "PSNR", "SSIM", "bits/px"], rows)
     if "novel_view_psnr" in sd:
         out += ["", "Novel views (SODA, target pose given), beside copying the source view:", ""]
         out += table(["method", "PSNR", "SSIM"],
-                     [["SODA novel view", fmt(sd["novel_view_psnr"]), fmt(sd["novel_view_ssim"])],
+                     [["SODA novel view", with_ci(sd, "novel_view_psnr"), with_ci(sd, "novel_view_ssim")],
                       ["copy the source view", fmt(sd["novel_view_psnr_copy_source"]),
                        fmt(sd["novel_view_ssim_copy_source"])]])
     return out + [""]

@@ -16,6 +16,7 @@ from diffrep.config import Config, to_dict
 from diffrep.data.prepared import load_prepared
 from diffrep.eval.features import batched, spread
 from diffrep.eval.grid import interleave, save_grid
+from diffrep.eval.recon import mean_with_ci
 from diffrep.eval.ul import held_out_terms, reconstruction
 from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
@@ -32,7 +33,7 @@ def evaluate(model: UnifiedLatents, x: torch.Tensor, seed: int, device) -> tuple
     recon, rec = reconstruction(model, x, generator=g, device=device)
     z = batched(model.encode, x, device=device)
     m = {
-        "bits_per_pixel": bpp.mean().item(),
+        **mean_with_ci(bpp, "bits_per_pixel", seed),  # bootstrap interval over the test images
         "bits_per_image": bpp.mean().item() * model.pixels,
         **recon,
         "latent_shape": list(model.latent_shape),
