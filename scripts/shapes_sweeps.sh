@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Queue the shapes pipeline's SODA sweeps as DVC experiments (docs/shapes.md#sweeps-queued-not-run).
-# Queues only; `dvc queue start -j 1` runs them (hours of CPU). Run from the repository root.
+# The shapes pipeline's SODA sweeps, queued as DVC experiments (docs/shapes.md#sweeps-queued-not-run):
+# bottleneck size (z_dim 24 / 48 / 192 / 768), novel views against auto-encoding (views: same), layer
+# modulation against one global z with masking on and off, and up to 4 source views at evaluation.
+# Queues only; `dvc queue start -j 1` runs them (hours of CPU). Run from anywhere inside the repository:
+#   scripts/shapes_sweeps.sh
 set -euo pipefail
+source "$(dirname "$0")/lib/no_args.sh"  # --help, or exit 2 on any argument
+cd "$(git rev-parse --show-toplevel)"
+export DVC_NO_ANALYTICS=1
 P=pipelines/shapes/params.yaml
 q() { dvc exp run --queue pipelines/shapes/dvc.yaml "$@"; }
 for z in 24 48 192 768; do q -n "shapes-z$z" -S "$P:soda.z_dim=$z"; done
