@@ -53,8 +53,8 @@ def test_retrain_entrypoint_schedule_and_parameters_are_valid():
     assert dep["work_pool"]["name"] == "diffrep-process"
 
 
-def prefect_cli(*args: str, cwd: Path, api_url: str) -> str:
-    env = dict(os.environ, PREFECT_API_URL=api_url, DIFFREP_ROOT=str(cwd))
+def prefect_cli(*args: str, cwd: Path, api_url: str, **extra_env: str) -> str:
+    env = dict(os.environ, PREFECT_API_URL=api_url, DIFFREP_ROOT=str(cwd), **extra_env)
     out = subprocess.run([PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"prefect {' '.join(args)} exited {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out.stdout
@@ -236,3 +236,106 @@ def test_dockerfile_installs_with_the_readme_and_ci_install_step(tmp_path):
     opts = {"--progress-bar": "off", "--quiet": None}  # output-only options
     args = [w for i, w in enumerate(cmd) if w not in opts and not (i and cmd[i - 1] in opts and opts[cmd[i - 1]] == w)]
     assert args == shlex.split(step), out.stdout
+
+
+class Webhook:
+    """An HTTP receiver on 127.0.0.1 that keeps each POSTed JSON body: the notification's destination."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        got = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, n: int, timeout_s: float) -> list:
+        import time
+
+        t0 = time.monotonic()
+        while len(self.received) < n and time.monotonic() - t0 < timeout_s:
+            time.sleep(0.2)
+        return self.received
+
+
+@pytest.mark.slow
+def test_gpu_pool_automation_and_retrain_gpu_register_with_the_documented_commands(prefect_server, tmp_path):
+    """docs/orchestration.md, "Retraining on GPUs", against a test server: the pool from the shipped
+    template with concurrency limit 1, a notification block, the automation, `prefect deploy -n retrain-gpu`;
+    then a run of the deployment that fails sends the notification (to a local webhook, not Slack)."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed, Pending, Running
+
+    proj = tmp_path / "repo"
+    shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "deploy", proj / "deploy")
+    shutil.copy(ROOT / "prefect.yaml", proj)
+    cli = lambda *a, **env: prefect_cli(*a, cwd=proj, api_url=prefect_server, **env)  # noqa: E731
+    cli("work-pool", "create", "diffrep-gpu", "--type", "kubernetes",
+        "--base-job-template", "deploy/k8s-gpu-job-template.json")
+    cli("work-pool", "set-concurrency-limit", "diffrep-gpu", "1")
+
+    hook = Webhook()
+    block_id = CustomWebhookNotificationBlock(
+        name="diffrep-alerts", url=hook.url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+    ).save("diffrep-alerts")
+    filled = tmp_path / "automation.yaml"
+    filled.write_text(AUTOMATION.read_text().replace("${DIFFREP_NOTIFY_BLOCK_ID}", str(block_id)))
+    assert "Created automation 'diffrep-retrain-failed'" in cli("automation", "create", "--from-file", str(filled))
+
+    cli("--no-prompt", "deploy", "-n", "retrain-gpu", DIFFREP_IMAGE="registry.example/diffrep:abc123")
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_work_pool("diffrep-gpu"),
+                    await client.read_deployment_by_name("diffrep-pipeline/retrain-gpu"),
+                    await client.read_automations_by_name("diffrep-retrain-failed"))
+
+    pool, dep, (auto,) = asyncio.run(read())
+    assert (pool.type, pool.concurrency_limit) == ("kubernetes", 1)
+    assert pool.base_job_template == template()
+    assert dep.entrypoint == "flows/pipeline.py:pipeline_flow" and dep.work_pool_name == "diffrep-gpu"
+    assert dep.parameters == {"force": False, "root": "."}
+    assert dep.job_variables["image"] == "registry.example/diffrep:abc123"  # resolved at deploy time
+    assert dep.job_variables["gpu_count"] == 8 and dep.job_variables["namespace"] == "diffrep"
+    assert dep.global_concurrency_limit.limit == 1 and dep.concurrency_options.collision_strategy == "ENQUEUE"
+    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/workspace/diffrep"}}]
+    assert not dep.schedules
+    (action,) = auto.actions
+    assert (action.type, action.block_document_id) == ("send-notification", block_id)
+    assert auto.enabled
+
+    # two runs of the deployment: the second must wait for the first (concurrency_limit 1, ENQUEUE);
+    # the first goes Running -> Failed (as the flow does when a stage fails): the server's state-change
+    # event trips the trigger and the notification arrives
+    async def two_runs():
+        async with get_client() as client:
+            first = await client.create_flow_run_from_deployment(dep.id)
+            second = await client.create_flow_run_from_deployment(dep.id)
+            for state in (Pending(), Running()):
+                assert (await client.set_flow_run_state(first.id, state)).status.value == "ACCEPT"
+            await client.set_flow_run_state(second.id, Pending())
+            waiting = (await client.read_flow_run(second.id)).state
+            await client.set_flow_run_state(first.id, Failed(message="stage 'soda' failed (dvc repro exit 1)"))
+            return first, waiting
+
+    run, waiting = asyncio.run(two_runs())
+    assert (waiting.type.value, waiting.name) == ("SCHEDULED", "AwaitingConcurrencySlot")
+    (note,) = hook.wait(1, timeout_s=30)
+    assert note["subject"] == f"diffrep: retrain {run.name} Failed"
+    assert f"Flow run {run.name} of deployment retrain-gpu entered Failed." in note["body"]
+    assert "stage 'soda' failed (dvc repro exit 1)" in note["body"]
+    assert "None" not in note["body"]  # no UI address here (PREFECT_UI_URL unset): no link line, not "None"
