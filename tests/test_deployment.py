@@ -329,11 +329,18 @@ def test_gpu_pool_automation_and_retrain_gpu_register_with_the_documented_comman
                 assert (await client.set_flow_run_state(first.id, state)).status.value == "ACCEPT"
             await client.set_flow_run_state(second.id, Pending())
             waiting = (await client.read_flow_run(second.id)).state
+            # what a worker polls: the pool's limit hands out no second run while one runs ...
+            soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+            offered_busy = await client.get_scheduled_flow_runs_for_work_pool("diffrep-gpu", scheduled_before=soon)
             await client.set_flow_run_state(first.id, Failed(message="stage 'soda' failed (dvc repro exit 1)"))
-            return first, waiting
+            # ... and the waiting one once the slot is free
+            offered_free = await client.get_scheduled_flow_runs_for_work_pool("diffrep-gpu", scheduled_before=soon)
+            return first, second, waiting, offered_busy, offered_free
 
-    run, waiting = asyncio.run(two_runs())
+    run, second, waiting, offered_busy, offered_free = asyncio.run(two_runs())
     assert (waiting.type.value, waiting.name) == ("SCHEDULED", "AwaitingConcurrencySlot")
+    assert offered_busy == []
+    assert [r.flow_run.id for r in offered_free] == [second.id]
     (note,) = hook.wait(1, timeout_s=30)
     assert note["subject"] == f"diffrep: retrain {run.name} Failed"
     assert f"Flow run {run.name} of deployment retrain-gpu entered Failed." in note["body"]
