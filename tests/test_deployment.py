@@ -132,6 +132,8 @@ def test_gpu_job_template_is_a_valid_kubernetes_template_that_requests_gpus():
     jv = deployment("retrain-gpu")["work_pool"]["job_variables"]
     jv = {**jv, "image": "registry.example/diffrep:abc123"}  # prefect deploy fills $DIFFREP_IMAGE
     assert validate(jv, t["variables"], ignore_required=True) == []  # names and types fit the schema
+    for bad in ("", "{{ $DIFFREP_IMAGE }}"):  # DIFFREP_IMAGE unset at deploy time: refused, not a pod that cannot pull
+        assert validate({**jv, "image": bad}, t["variables"], ignore_required=True), bad
     values = {**BaseJobConfiguration._get_base_config_defaults(t["variables"]["properties"]), **jv}
     job = apply_values(t["job_configuration"], values)["job_manifest"]
     assert (job["apiVersion"], job["kind"], job["metadata"]["namespace"]) == ("batch/v1", "Job", "diffrep")
@@ -296,6 +298,11 @@ def test_gpu_pool_automation_and_retrain_gpu_register_with_the_documented_comman
     filled.write_text(AUTOMATION.read_text().replace("${DIFFREP_NOTIFY_BLOCK_ID}", str(block_id)))
     assert "Created automation 'diffrep-retrain-failed'" in cli("automation", "create", "--from-file", str(filled))
 
+    # DIFFREP_IMAGE unset: the image would be empty, which the pool's schema (variable `image`) refuses
+    env = {k: v for k, v in os.environ.items() if k != "DIFFREP_IMAGE"}
+    refused = subprocess.run([PREFECT, "--no-prompt", "deploy", "-n", "retrain-gpu"], cwd=proj, capture_output=True,
+                             text=True, timeout=300, env=dict(env, PREFECT_API_URL=prefect_server))
+    assert refused.returncode != 0 and "Validation failed for field 'image'" in refused.stderr, refused.stdout
     cli("--no-prompt", "deploy", "-n", "retrain-gpu", DIFFREP_IMAGE="registry.example/diffrep:abc123")
 
     async def read():
