@@ -84,7 +84,7 @@ def test_write_replaces_only_the_block_and_then_checks_clean(copy: Path):
     edit_metric(copy, "ul_stage1.json", "recon_psnr", 21.004)
     assert run(*args(copy)).returncode == 0
     after = (copy / "README.md").read_text()
-    assert "| UL reconstruction PSNR | 21.00 dB |" in row(copy, "UL reconstruction PSNR")
+    assert "| UL reconstruction PSNR | 21.00 dB [" in row(copy, "UL reconstruction PSNR")  # with its interval
     assert after.split(BEGIN)[0] == before.split(BEGIN)[0] and after.split(END)[1] == before.split(END)[1]
     assert run("--check", *args(copy)).returncode == 0
     assert not list(copy.glob(".README.md.*")), "temp file left behind"
