@@ -1,4 +1,4 @@
-"""The daily loop on a tiny pipeline in a temporary repository (docs/online-eval.md):
+"""The daily loop on a tiny pipeline in a temporary repository (docs/daily-loop.md):
 
   two `dvc exp run`s of prepare -> soda + ldae on digits (8x8) with the online val kNN on and
   train.select: best; then `dvc exp show` (through dvc.api.exp_show) with the chosen steps, the val kNN
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import tiny_dvc_repo  # noqa: E402  (the tests' tiny-repository builder)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "soda", "ldae"]
@@ -50,20 +51,7 @@ def sh(*cmd: str, cwd: Path) -> str:
 
 
 def build(root: Path) -> None:
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(REPO / "data/raw", root / "data/raw")
-    for f in (".dvcignore", ".gitignore"):
-        shutil.copy(REPO / f, root)
-    dag = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dag["stages"] = {k: v for k, v in dag["stages"].items() if k in STAGES}
-    dag["plots"] = [p for p in dag["plots"] if str(p).split("/")[1] in STAGES]  # models/<stage>/... grids
-    dag["artifacts"] = {k: v for k, v in dag["artifacts"].items() if k in STAGES}
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    sh("git", "init", "-q", cwd=root)
-    sh("dvc", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
+    tiny_dvc_repo(root, STAGES, TINY, sh)
 
 
 def main() -> None:

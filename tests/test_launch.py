@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from diffrep.config import RuntimeConfig
 from diffrep.train.launch import DDP_STAGES, should_launch, workers_per_node
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import tiny_dvc_repo  # noqa: E402
+from test_pipeline_e2e import sh as _sh  # noqa: E402  (one way to run a command in a temp repo)
+
+
+def sh(*cmd, cwd, env_extra=None, check=True):  # workers on one thread each
+    return _sh(*cmd, cwd=cwd, check=check, env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,17 +46,6 @@ def test_only_training_stages_launch_and_never_from_inside_a_worker():
     assert set(DDP_STAGES) == {"soda", "ul_stage1", "ul_stage2", "ldae", "feature_net"}
 
 
-def sh(*cmd, cwd, env_extra=None, check=True):
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
-               DVC_SITE_CACHE_DIR=str(cwd / ".dvc-site"), GX_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               **(env_extra or {}))
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and out.returncode:
-        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,20 +53,8 @@ def free_port() -> int:
 
 
 def tiny_repo(root: Path, runtime: dict) -> Path:
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for f in (".dvcignore", ".gitignore"):
-        shutil.copy(REPO / f, root)
-    shutil.copytree(REPO / "data/raw", root / "data/raw")
-    dag = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dag["stages"] = {k: v for k, v in dag["stages"].items() if k in ("prepare", "feature_net")}
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
     params = {**TINY, "runtime": {**TINY["runtime"], **runtime}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=root)
-    sh("dvc", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "tiny", cwd=root)
-    return root
+    return tiny_dvc_repo(root, ("prepare", "feature_net"), params, sh, message="tiny")
 
 
 def metrics(root: Path) -> dict:

@@ -4,14 +4,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import tiny_dvc_repo  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,10 +35,11 @@ TINY = {
 STAGES = ["prepare", "soda", "feature_net", "fid_reference"]
 
 
-def sh(*cmd, cwd, check=True):
+def sh(*cmd, cwd, check=True, env_extra=None):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                DVC_SITE_CACHE_DIR=str(cwd / ".dvc-site"), GX_ANALYTICS_ENABLED="false",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               **(env_extra or {}))
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and out.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -59,19 +61,7 @@ def flipped_last_byte(target: Path):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(REPO / ".dvcignore", root)
-    shutil.copytree(REPO / "data/raw", root / "data/raw")  # a dependency of prepare
-    shutil.copy(REPO / ".gitignore", root)
-    # only the stages this test covers, so it stays small as the pipeline grows
-    dag = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dag["stages"] = {k: v for k, v in dag["stages"].items() if k in STAGES}
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    sh("git", "init", "-q", cwd=root)
-    sh("dvc", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
+    tiny_dvc_repo(root, STAGES, TINY, sh)  # only the stages this test covers, so it stays small as the pipeline grows
     sh("dvc", "repro", cwd=root)
     return root
 
