@@ -21,6 +21,7 @@ import hashlib
 import multiprocessing
 import os
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,11 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; one intra-op thread per worker
 
 
-def ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
-    """fn over jobs, results in job order; with workers > 1 in a process pool, at most 2 x workers in flight."""
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` processes for the whole stage (probe and decode share them); None for 1: run in this process."""
     if workers <= 1:
-        yield from map(fn, jobs)
+        yield None
         return
     # forkserver: workers fork from a clean server process, not from a parent that has run torch threads;
     # as with any non-fork start method, a script that calls prepare needs an `if __name__ == "__main__":` guard
@@ -97,15 +99,23 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
     ctx.set_forkserver_preload(["diffrep.data.chunks"])  # imported once in the server, not per worker
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
     try:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(fn, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_map(fn: Callable, jobs: Iterable, pool: ProcessPoolExecutor | None, window: int = 2) -> Iterator:
+    """fn over jobs, results in job order; in the pool at most `window` jobs in flight (2 x workers)."""
+    if pool is None:
+        yield from map(fn, jobs)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 @dataclass
@@ -124,10 +134,10 @@ def _slices(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
 
 
-def probe_channels(listing: Listing, chunk_size: int, workers: int) -> int:
+def probe_channels(listing: Listing, chunk_size: int, pool: tuple) -> int:
     if listing.channels is not None:
         return listing.channels
-    probes = ordered_map(_probe, (listing.reader[a:b] for a, b in _slices(len(listing), chunk_size)), workers)
+    probes = ordered_map(_probe, (listing.reader[a:b] for a, b in _slices(len(listing), chunk_size)), *pool)
     return dataset_channels(c for p in probes for c in p.tolist() if c)
 
 
@@ -139,8 +149,13 @@ def image_shape(listing: Listing, channels: int) -> tuple[int, int, int]:
 def decode_all(listing: Listing, chunk_size: int, workers: int, outputs: Callable | None = None,
                sides: np.ndarray | None = None, rows: np.ndarray | None = None, collect: bool = False) -> Decoded:
     """Run the second pass. `outputs(shape)` creates the image files and returns their paths (None: write none)."""
+    with worker_pool(workers) as pool:
+        return _decode_all(listing, chunk_size, (pool, 2 * workers), outputs, sides, rows, collect)
+
+
+def _decode_all(listing, chunk_size, pool, outputs, sides, rows, collect) -> Decoded:
     n = len(listing)
-    channels = probe_channels(listing, chunk_size, workers)
+    channels = probe_channels(listing, chunk_size, pool)
     for passes in (1, 2):
         shape = image_shape(listing, channels)
         paths = tuple(str(p) for p in outputs(shape)) if outputs else ()
@@ -150,7 +165,7 @@ def decode_all(listing: Listing, chunk_size: int, workers: int, outputs: Callabl
         mins, maxs, nonfinite = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64)
         digests = np.zeros((n, 32), np.uint8)
         failures, seen, images, h = [], set(), [], hashlib.sha256()
-        for r in ordered_map(run_job, jobs, workers):
+        for r in ordered_map(run_job, jobs, *pool):
             ok[r.start : r.start + r.n] = r.ok
             idx = r.start + np.flatnonzero(r.ok)
             mins[idx], maxs[idx], nonfinite[idx], digests[idx] = r.stats
