@@ -1,12 +1,18 @@
-"""Data larger than memory: peak RSS of a training stage at two dataset sizes, and memory-mapped vs in-memory img/s.
+"""Data larger than memory: peak RSS of `prepare` and of a training stage at two dataset sizes, and memory-mapped
+vs in-memory img/s.
 
-    python -m bench.data_scale rss --sizes 20000 200000       # -> bench/results/data_scale_rss.json
+    python -m bench.data_scale rss --sizes 20000 200000       # -> bench/results/data_scale_rss.json ("rows")
+    python -m bench.data_scale prepare-rss --sizes 20000 200000   # -> the same file ("prepare")
     python -m bench.data_scale speed --prepared data/prepared   # -> bench/results/data_scale_speed.json
 
 rss: writes a synthetic prepared folder of N random uint8 images (chunk by chunk, never whole in memory, hashed
 like `prepare` does), then runs the real `feature_net` stage on it in a fresh interpreter under
 bench/peak_rss.py: load_prepared (sha256 of every file), training from the memory-mapped split, accuracy over
 train/val/test in batches, model written. Flat peak RSS across N means no split is held whole.
+prepare-rss: writes an image folder of N random 16x16 greyscale PNGs (10 classes) under a temporary folder, then
+runs the real `prepare` stage on it (`diffrep stage prepare`, data.workers 1 and 2, data.chunk_size 2048) under
+bench/peak_rss.py: peak RSS (of the largest process: the stage or one of its workers) and wall time per run, and
+prepare's own seconds per pass. Flat peak RSS across N means no pass holds the dataset.
 speed: one process, the soda model of params.yaml, Trainer.train_step on the same prepared train split held as
 an in-memory float tensor (A) or as the memory-mapped ImageRows (B), A and B alternated in blocks, medians.
 """
@@ -88,7 +94,58 @@ def rss(sizes: list[int], out: Path) -> dict:
            "image_shape": list(SHAPE), "rows": rows, "rss_ratio_largest_to_smallest": round(ratio, 3),
            "control_ratio_largest_to_smallest": round(peak["in_memory_control"][-1] / peak["in_memory_control"][0], 3),
            "flat_within_10pct": ratio <= 1.10, "note": "measured under contention (shared 2-core machine)"}
+    if out.is_file() and "prepare" in (old := json.loads(out.read_text())):
+        res["prepare"] = old["prepare"]  # prepare-rss's numbers stay
     write_json(out, res)
+    return res
+
+
+def write_pngs(folder: Path, n: int, size: int = 16) -> None:
+    """n random greyscale PNGs, class k = image index % CLASSES, in folder/<k>/<index>.png."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for k in range(CLASSES):
+        (folder / str(k)).mkdir(parents=True)
+    for i in range(0, n, 1000):
+        block = g.integers(0, 256, (min(1000, n - i), size, size), dtype=np.uint8)
+        for j, a in enumerate(block):
+            Image.fromarray(a, "L").save(folder / str((i + j) % CLASSES) / f"{i + j:07d}.png")
+
+
+def prepare_rss(sizes: list[int], out: Path, workers: list[int], chunk: int = 2048) -> dict:
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            t = time.perf_counter()
+            write_pngs(root / "data/raw/imgs", n)
+            print(f"{n} PNGs written in {time.perf_counter() - t:.0f}s", flush=True)
+            for w in workers:
+                (root / "params.yaml").write_text(json.dumps({"seed": 0, "data": {
+                    "source": "imagefolder", "path": "data/raw/imgs", "image_size": 16, "workers": w,
+                    "chunk_size": chunk}}))
+                kib = root / "rss.txt"
+                t = time.perf_counter()
+                subprocess.run([sys.executable, str(ROOT / "bench/peak_rss.py"), str(kib), sys.executable, "-m",
+                                "diffrep.cli", "stage", "prepare", "--params", str(root / "params.yaml"),
+                                "--root", str(root)], check=True, cwd=ROOT)
+                m = json.loads((root / "metrics/prepare.json").read_text())
+                rows.append({"n_images": n, "workers": w, "chunk_size": chunk,
+                             "peak_rss_mib": round(int(kib.read_text()) / 1024, 1),
+                             "wall_s": round(time.perf_counter() - t, 1), "stage_seconds": m["seconds"],
+                             "counts": m["counts"]})
+                print(rows[-1], flush=True)
+    peak = {w: [r["peak_rss_mib"] for r in rows if r["workers"] == w] for w in workers}
+    res = {"what": "peak RSS and wall time of the prepare stage on an image folder of 16x16 greyscale PNGs "
+                   "(listing, split, chunked decode into memory-mapped files, per-chunk statistics, GX once)",
+           "rows": rows,
+           "rss_ratio_largest_to_smallest": {str(w): round(p[-1] / p[0], 3) for w, p in peak.items()},
+           "flat_within_10pct": all(p[-1] / p[0] <= 1.10 for p in peak.values()),
+           "note": "measured under contention (shared 2-core machine)"}
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc["prepare"] = res  # beside the training stage's numbers, which stay
+    write_json(out, doc)
     return res
 
 
@@ -137,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("rss")
     r.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     r.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_rss.json")
+    q = sub.add_parser("prepare-rss")
+    q.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    q.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    q.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_rss.json")
     s = sub.add_parser("speed")
     s.add_argument("--prepared", type=Path, default=ROOT / "data/prepared")
     s.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_speed.json")
@@ -146,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "stage-child":
         stage_child(a.root, a.in_memory)
+    elif a.cmd == "prepare-rss":
+        print(json.dumps(prepare_rss(a.sizes, a.out, a.workers), indent=1))
     elif a.cmd == "rss":
         print(json.dumps(rss(a.sizes, a.out), indent=1))
     else:

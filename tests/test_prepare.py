@@ -14,6 +14,7 @@ from conftest import make_cfg, make_imagefolder, write_image
 
 from diffrep.data.prepared import load_prepared
 from diffrep.data.split import Split, split_dataset
+from diffrep.data.types import in_memory
 from diffrep.io import ArtifactError, file_hash, path_hash
 from diffrep.stages import prepare
 
@@ -47,7 +48,8 @@ def test_prepare_writes_verified_artifacts(prepared_digits, digits_raw):
     assert metrics["counts"] == {"train": 1259, "val": 179, "test": 359, "total": 1797}
     assert metrics["class_balance"]["test"]["0"] == m["class_counts"]["test"][0]  # by class name
     assert metrics["validation"] == {"success": True, "n_expectations": 11, "failed": []}
-    assert set(metrics["seconds"]) == {"load", "validate", "write", "total"}
+    assert set(metrics["seconds"]) == {"list", "decode", "load", "validate", "write", "total"}
+    assert metrics["chunks"] == {"chunk_size": 2048, "workers": 1, "n_chunks": 1, "decode_passes": 1}
     assert metrics["class_balance"]["max_min_ratio"]["train"] >= 1.0
     lin = json.loads((root / "metrics/prepare.json").read_text())["lineage"]
     assert lin["stage"] == "prepare" and lin["inputs"] == {} and lin["params"]["source"]["name"] == "digits"
@@ -163,7 +165,7 @@ def test_too_few_images(tmp_path):
 
 
 def _patched(monkeypatch, raw, split=None):
-    monkeypatch.setattr(prepare, "load_source", lambda cfg, seed, root=None: raw)
+    monkeypatch.setattr(prepare, "list_source", lambda cfg, seed, root=None: in_memory(raw))
     if split is not None:
         monkeypatch.setattr(prepare, "split_dataset", lambda *a, **k: split)
 

@@ -40,6 +40,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved out of the rest, for every choice (never test)
     min_per_class: int = Field(2, ge=1)  # validation: fewer images in a class is an error
     min_rows: int = Field(20, ge=2)  # validation: fewer images in all is an error
+    chunk_size: int = Field(2048, ge=1)  # prepare decodes, validates and writes this many images at a time
+    workers: int = Field(1, ge=0)  # prepare's decoding processes; 0: one per CPU core; 1: in-process, no pool
     shapes: ShapesConfig = ShapesConfig()
 
     @model_validator(mode="after")

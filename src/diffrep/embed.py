@@ -116,7 +116,7 @@ def split_images(root: str | Path, split: str, image_shape) -> tuple[torch.Tenso
         raise EmbedError(f"data/prepared holds {tuple(prep.image_shape)} images, the model reads {tuple(image_shape)}:"
                          " it was trained on other data (re-run its stage, or embed the data it was trained on)")
     prep.release_test()  # an explicit request for these features; choices belong to val
-    x = prep.images_float(split)
+    x = prep.image_rows(split)  # memory-mapped: embed() reads it batch by batch
     return x, [f"{split}[{i}]" for i in range(len(x))]
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from diffrep.data.split import Split
-from diffrep.data.types import RawDataset
+from diffrep.data.types import Listing
 from diffrep.io import ArtifactError, file_hash, load_npy, read_json, save_npy, write_json
 
 SPLITS = ("train", "val", "test")
@@ -40,40 +40,47 @@ _RERUN = "re-run `dvc repro prepare` (or `diffrep stage prepare`) to rebuild it"
 
 
 def quantise(images: np.ndarray) -> np.ndarray:
-    """float [0, 1] (N, C, H, W) -> uint8; the clip only absorbs float rounding (validation ran first)."""
-    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    """float [0, 1] (N, C, H, W) -> uint8; the clip only absorbs float rounding (validation checks the range).
+
+    NaN has no uint8: it is written as 0 (prepare quantises each chunk as it goes; validation then refuses
+    a dataset with NaN pixels before anything is kept).
+    """
+    with np.errstate(invalid="ignore"):
+        return np.rint(np.nan_to_num(np.clip(images, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
 
 
 class TestSplitLocked(RuntimeError):
     """The test split was read before the stage finished choosing on val."""
 
 
-def write_prepared(out: Path, raw: RawDataset, split: Split, *, seed: int, test_fraction: float,
-                   val_fraction: float, extra: dict | None = None) -> dict:
-    """Write every array and the manifest into the (temporary) folder `out`; return the manifest."""
+def write_prepared(out: Path, listing: Listing, split: Split, shape: tuple[int, int, int], *, seed: int,
+                   test_fraction: float, val_fraction: float, extra: dict | None = None) -> dict:
+    """Beside the `{split}_images.npy` the second pass filled (data/chunks.py), write the labels and the
+    optional arrays of each split and the manifest into the (temporary) folder `out`; return the manifest."""
     out = Path(out)
-    k = len(raw.class_names)
-    arrays: dict[str, np.ndarray] = {}
+    k = len(listing.class_names)
+    files, labels = {}, {}
     for name, idx in split.parts().items():
-        arrays[f"{name}_images"] = quantise(raw.images[idx])
-        arrays[f"{name}_labels"] = raw.labels[idx].astype(np.int64)
+        files[f"{name}_images.npy"] = None
+        arrays = {"labels": listing.labels[idx].astype(np.int64)}
+        labels[name] = arrays["labels"]
         for field, dtype in OPTIONAL.items():
-            value = getattr(raw, field)
+            value = getattr(listing, field)
             if value is not None:
-                arrays[f"{name}_{field}"] = np.asarray(value)[idx].astype(dtype)
-    files = {}
-    for name, arr in arrays.items():
-        save_npy(out / f"{name}.npy", arr)
-        files[f"{name}.npy"] = file_hash(out / f"{name}.npy")
+                arrays[field] = np.asarray(value)[idx].astype(dtype)
+        for a, arr in arrays.items():
+            save_npy(out / f"{name}_{a}.npy", arr)
+            files[f"{name}_{a}.npy"] = None
+    files = {f: file_hash(out / f) for f in files}
     manifest = {
-        "source": raw.source,
-        "image_shape": list(raw.images.shape[1:]),
-        "class_names": list(raw.class_names),
+        "source": listing.source,
+        "image_shape": list(shape),
+        "class_names": list(listing.class_names),
         "num_classes": k,
-        "counts": {s: int(len(arrays[f"{s}_labels"])) for s in SPLITS},
-        "class_counts": {s: np.bincount(arrays[f"{s}_labels"], minlength=k).tolist() for s in SPLITS},
-        "factor_names": raw.factor_names,
-        "pose_layout": raw.pose_layout,
+        "counts": {s: int(len(labels[s])) for s in SPLITS},
+        "class_counts": {s: np.bincount(labels[s], minlength=k).tolist() for s in SPLITS},
+        "factor_names": listing.factor_names,
+        "pose_layout": listing.pose_layout,
         "seed": seed,
         "test_fraction": test_fraction,
         "val_fraction": val_fraction,

@@ -284,3 +284,16 @@ def render_shapes(n_objects: int, views_per_object: int, image_size: int, seed: 
         pose_layout=list(POSE_LAYOUT),
         object_ids=object_ids,
     )
+
+
+def list_shapes(n_objects: int, views_per_object: int, image_size: int, seed: int):
+    """`prepare`'s first pass for shapes: the scenes' factors and ids; rendering waits for the chunks."""
+    from diffrep.data.decode import ShapesReader
+    from diffrep.data.types import Listing
+
+    factors, object_ids = sample_factors(n_objects, views_per_object, seed)
+    views = np.tile(np.arange(views_per_object), n_objects)
+    ids = [f"shapes[obj={o},view={v}]" for o, v in zip(object_ids.tolist(), views.tolist())]
+    return Listing("shapes", factors[:, 0].astype(np.int64), list(SHAPE_NAMES), ids,
+                   ShapesReader(factors, image_size), 3, factors=factors, factor_names=list(FACTOR_NAMES),
+                   poses=poses_from_factors(factors), pose_layout=list(POSE_LAYOUT), object_ids=object_ids)

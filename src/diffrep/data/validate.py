@@ -1,8 +1,11 @@
 """Data validation with Great Expectations (1.x API), the validator of record for `prepare`.
 
-Two pandas tables are built from the loaded, split dataset (before
+Two pandas tables are built from the split dataset's statistics (before
 quantisation): one row per image, unreadable files included, with its
-statistics; and one row per declared class with its image counts. Named
+statistics; and one row per declared class with its image counts. The
+statistics are computed chunk by chunk while `prepare` decodes
+(`chunk_stats`, data/chunks.py), so the pixels are never held whole: the
+tables are a few numbers per image, and the suite runs once on them. Named
 checks, each one or more GX expectations, run on them; a failed check names
 the images (or classes) that broke it, so the message says what to fix.
 """
@@ -19,7 +22,6 @@ import pandas as pd
 
 from diffrep.config import DataConfig
 from diffrep.data.split import Split
-from diffrep.data.types import RawDataset
 
 MAX_EXAMPLES = 10  # failing ids kept per check
 SOURCE_CHANNELS = {"mnist5k": 1, "digits": 1, "shapes": 3}
@@ -62,80 +64,125 @@ class ValidationReport:
         }  # no timings: the report is a DVC output and should be reproducible byte for byte
 
 
-# ---------------------------------------------------------------- tables (pure numpy/pandas)
-def image_table(raw: RawDataset, split: Split) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One row per image (readable or not) with its statistics; and id -> reason notes."""
-    n = len(raw.labels)
-    x = raw.images.reshape(n, int(np.prod(raw.images.shape[1:])))  # (N, C*H*W)
+# ---------------------------------------------------------------- per-chunk statistics
+@dataclass
+class ImageStats:
+    """What validation needs of a dataset, built chunk by chunk: a few numbers per image, no pixels.
+
+    Rows are the readable images in source order; `unreadable` lists the rest (id, why).
+    """
+
+    source: str
+    shape: tuple[int, int, int]  # (C, H, W) every decoded image has
+    ids: list[str]
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    mins: np.ndarray  # float64 (N,); NaN for an image without a finite pixel
+    maxs: np.ndarray
+    nonfinite: np.ndarray  # int64 (N,) NaN/Inf pixels
+    digests: np.ndarray  # uint8 (N, 32): sha256 of each image's float32 pixels
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+
+def chunk_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float (n, C, H, W) -> per image min, max (finite pixels), non-finite count, sha256 digest (n, 32)."""
+    n = len(x)
     mins, maxs = np.full(n, np.nan), np.full(n, np.nan)
     nonfinite = np.zeros(n, dtype=np.int64)
+    flat = x.reshape(n, -1)  # (n, C*H*W)
     for s in range(0, n, _STAT_CHUNK):
-        c = x[s : s + _STAT_CHUNK]
+        c = flat[s : s + _STAT_CHUNK]
         finite = np.isfinite(c)
         nonfinite[s : s + _STAT_CHUNK] = (~finite).sum(1)
-        lo, hi = np.where(finite, c, np.inf).min(1), np.where(finite, c, -np.inf).max(1)
-        ok = finite.any(1)  # an all-NaN image has no min/max: NaN, reported by the non-finite check
-        mins[s : s + _STAT_CHUNK] = np.where(ok, lo, np.nan)
-        maxs[s : s + _STAT_CHUNK] = np.where(ok, hi, np.nan)
-    hashes = [hashlib.sha256(np.ascontiguousarray(raw.images[i]).tobytes()).hexdigest() for i in range(n)]
+        if c.shape[1]:
+            lo, hi = np.where(finite, c, np.inf).min(1), np.where(finite, c, -np.inf).max(1)
+            ok = finite.any(1)  # an all-NaN image has no min/max: NaN, reported by the non-finite check
+            mins[s : s + _STAT_CHUNK] = np.where(ok, lo, np.nan)
+            maxs[s : s + _STAT_CHUNK] = np.where(ok, hi, np.nan)
+    digests = np.frombuffer(b"".join(hashlib.sha256(np.ascontiguousarray(x[i]).tobytes()).digest()
+                                     for i in range(n)), dtype=np.uint8).reshape(n, 32)
+    return mins, maxs, nonfinite, digests
 
-    side = np.full(n, "none", dtype=object)
+
+def cross_split_duplicates(digests: np.ndarray, split: Split, ids: list[str]) -> tuple[np.ndarray, dict[str, str]]:
+    """Which images have the exact pixels of an image in another split, and a note naming that partner.
+
+    The partner is the first image (in source order) of the first other split (train, val, test) holding them.
+    """
+    n = len(digests)
     parts = split.parts()
-    for name, idx in parts.items():
-        side[idx] = name
-    first: dict[str, dict[str, int]] = {name: {} for name in parts}  # hash -> first row on that side
-    for i, h in enumerate(hashes):
-        if side[i] in first:
-            first[side[i]].setdefault(h, i)
-    reasons = {}
-    dup = np.zeros(n, dtype=bool)
-    for i, h in enumerate(hashes):  # an image whose exact pixels also sit in another split
-        others = [o for o in parts if o != side[i] and h in first[o]]
-        if side[i] in first and others:
+    side = np.full(n, -1, dtype=np.int64)
+    for k, idx in enumerate(parts.values()):
+        side[idx] = k
+    dup, reasons = np.zeros(n, dtype=bool), {}
+    if n == 0:
+        return dup, reasons
+    _, group = np.unique(np.ascontiguousarray(digests).view(np.dtype((np.void, 32))).ravel(), return_inverse=True)
+    group = group.ravel()
+    first = np.full((len(parts), group.max() + 1), n, dtype=np.int64)  # [side, group] -> first row, n: none
+    for k in range(len(parts)):
+        rows = np.flatnonzero(side == k)
+        np.minimum.at(first[k], group[rows], rows)
+    names = list(parts)
+    for k in range(len(parts)):
+        rows = np.flatnonzero(side == k)
+        others = np.delete(first[:, group[rows]], k, axis=0)  # (sides - 1, rows)
+        for i in rows[(others < n).any(0)]:
+            o = next(j for j in range(len(parts)) if j != k and first[j, group[i]] < n)
             dup[i] = True
-            reasons[raw.ids[i]] = f"same pixels as {raw.ids[first[others[0]][h]]} in {others[0]}"
+            reasons[ids[i]] = f"same pixels as {ids[first[o, group[i]]]} in {names[o]}"
+    return dup, reasons
 
-    c, h, w = raw.images.shape[1:] if raw.images.ndim == 4 else (np.nan, np.nan, np.nan)
+
+# ---------------------------------------------------------------- tables (pure numpy/pandas)
+def image_table(st: ImageStats, split: Split) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per image (readable or not) with its statistics; and id -> reason notes."""
+    n = len(st.labels)
+    side = np.full(n, "none", dtype=object)
+    for name, idx in split.parts().items():
+        side[idx] = name
+    dup, reasons = cross_split_duplicates(st.digests, split, st.ids)
+    c, h, w = st.shape
     readable = pd.DataFrame({
-        "id": raw.ids,
+        "id": st.ids,
         "split": side,
         "readable": True,
         "reason": "",
         "channels": float(c),
         "height": float(h),
         "width": float(w),
-        "min": mins,
-        "max": maxs,
-        "n_nonfinite": nonfinite.astype(float),
-        "label": raw.labels.astype(float),
-        "sha256": hashes,
+        "min": st.mins,
+        "max": st.maxs,
+        "n_nonfinite": st.nonfinite.astype(float),
+        "label": st.labels.astype(float),
         "duplicate_across_splits": dup,
     })
     unreadable = pd.DataFrame({
-        "id": [p for p, _ in raw.unreadable],
+        "id": [p for p, _ in st.unreadable],
         "split": "none",
         "readable": False,
-        "reason": [r for _, r in raw.unreadable],
+        "reason": [r for _, r in st.unreadable],
         "duplicate_across_splits": False,
     })
-    reasons.update(dict(raw.unreadable))
+    reasons.update(dict(st.unreadable))
     table = pd.concat([readable, unreadable], ignore_index=True) if len(unreadable) else readable
     table["readable"] = table["readable"].astype(bool)
     table["duplicate_across_splits"] = table["duplicate_across_splits"].astype(bool)
     return table, reasons
 
 
-def class_table(raw: RawDataset, split: Split) -> pd.DataFrame:
+def class_table(st: ImageStats, split: Split) -> pd.DataFrame:
     """One row per declared class: images in train, test and in all (out-of-set labels excluded)."""
-    k = len(raw.class_names)
+    k = len(st.class_names)
 
     def count(idx: np.ndarray) -> np.ndarray:
-        y = raw.labels[idx]
+        y = st.labels[idx]
         return np.bincount(y[(y >= 0) & (y < k)], minlength=k)
 
     n = {name: count(idx) for name, idx in split.parts().items()}
     return pd.DataFrame({
-        "class_name": list(raw.class_names),
+        "class_name": list(st.class_names),
         **{f"n_{name}": c.astype(np.int64) for name, c in n.items()},
         "n_images": sum(n.values()).astype(np.int64),
     })
@@ -260,25 +307,25 @@ def _plain(v: Any) -> Any:
 
 
 # ---------------------------------------------------------------- entry points
-def declared_shape(raw: RawDataset, image_size: int) -> tuple[int, int, int]:
+def declared_shape(source: str, channels: int, image_size: int) -> tuple[int, int, int]:
     """The (C, H, W) every image must have: fixed per embedded source, 1 or 3 for user data."""
-    c = raw.images.shape[1] if raw.images.ndim == 4 else 1
-    return SOURCE_CHANNELS.get(raw.source, c if c in (1, 3) else 3), image_size, image_size
+    return SOURCE_CHANNELS.get(source, channels if channels in (1, 3) else 3), image_size, image_size
 
 
-def validate_dataset(raw: RawDataset, split: Split, cfg: DataConfig) -> ValidationReport:
+def validate_dataset(st: ImageStats, split: Split, cfg: DataConfig) -> ValidationReport:
+    """The GX suite, once, on the small per-image and per-class tables (the pixels were summarised per chunk)."""
     t0 = time.perf_counter()
-    images, reasons = image_table(raw, split)
-    classes = class_table(raw, split)
-    for name in raw.empty_classes:
+    images, reasons = image_table(st, split)
+    classes = class_table(st, split)
+    for name in st.empty_classes:
         reasons[name] = "class folder has no images"
-    shape = declared_shape(raw, cfg.image_size)
-    results = _run_gx({"images": images, "classes": classes}, cfg, shape, len(raw.class_names))
+    shape = declared_shape(st.source, st.shape[0], cfg.image_size)
+    results = _run_gx({"images": images, "classes": classes}, cfg, shape, len(st.class_names))
     counts = {
-        "images": int(len(raw.labels)),
-        "unreadable": len(raw.unreadable),
+        "images": int(len(st.labels)),
+        "unreadable": len(st.unreadable),
         **{name: int(len(idx)) for name, idx in split.parts().items()},
-        "classes": len(raw.class_names),
+        "classes": len(st.class_names),
     }
     return ValidationReport(all(r.success for r in results), results, counts, reasons, time.perf_counter() - t0)
 

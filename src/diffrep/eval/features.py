@@ -23,6 +23,12 @@ def batched(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size:
     return out if out is not None else torch.cat([])
 
 
+def pixels(images) -> torch.Tensor:
+    """(N, C*H*W) float pixels of any rows (a tensor or memory-mapped ImageRows), read in batches: the
+    pixel baselines' features, the only full-size copy they need."""
+    return batched(lambda x: x.flatten(1), images)
+
+
 # model kind -> the method giving its probe features: SODA z, UL clean latent (flattened), l-DAE pooled tokens
 FEATURE_METHODS = {"soda": "encode", "ul_stage1": "features", "ldae": "features"}
 

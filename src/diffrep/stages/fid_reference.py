@@ -29,7 +29,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         prep = load_prepared(ctx.path(PREPARED))
         net = load_feature_net(ctx.path(FEATNET)).to(dev)
         prep.release_test()  # nothing is chosen here
-        features = batched(net.features, prep.images_float(SET), batch_size=cfg.eval.batch_size, device=dev).float()
+        features = batched(net.features, prep.image_rows(SET), batch_size=cfg.eval.batch_size, device=dev).float()
         with atomic_dir(ctx.path(OUT)) as tmp:
             manifest = save_reference(tmp, features, set_name=SET, space="featnet",
                                       featnet_hash=path_hash(ctx.path(FEATNET)))

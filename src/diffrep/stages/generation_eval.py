@@ -34,7 +34,7 @@ from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.dci import dci
 from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.features import batched, pca_features, quantise, subset
+from diffrep.eval.features import batched, pca_features, pixels, quantise, subset
 from diffrep.eval.fid import InceptionFeatures
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.eval.reference import load_reference, save_features
@@ -69,13 +69,13 @@ def headline(d: dict, space: str) -> dict:
 def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
     """DCI of each encoder's codes and of PCA-of-pixels (eval.dci.pca_dim components) on the test split."""
     d = cfg.eval.dci
-    train_x, test_x = prep.images_float("train"), prep.images_float("test")
+    train_x, test_x = prep.image_rows("train"), prep.image_rows("test")  # memory-mapped, read in batches
     idx = subset(len(train_x), d.max_train, "dci", cfg.seed)
     f_tr, f_te = prep.array("train", "factors")[idx.numpy()], prep.array("test", "factors")
     names = prep.manifest.get("factor_names")
     codes = {name: (batched(fn, train_x[idx], device=device).flatten(1), batched(fn, test_x, device=device).flatten(1))
              for name, fn in encoders.items()}
-    codes["pca"] = pca_features(train_x[idx].flatten(1), test_x.flatten(1), dim=d.pca_dim, seed=cfg.seed)
+    codes["pca"] = pca_features(train_x[idx].flatten(1), pixels(test_x), dim=d.pca_dim, seed=cfg.seed)
     return {name: dci(tr.numpy(), f_tr, te.numpy(), f_te, factor_names=names, method=d.method, bins=d.bins,
                       n_estimators=d.n_estimators, max_depth=d.max_depth, lasso_c=d.lasso_c, seed=cfg.seed)
             for name, (tr, te) in codes.items()}
@@ -112,7 +112,7 @@ class Eval:
 
 def real_sets(ev: Eval, prep: Prepared) -> dict[str, torch.Tensor]:
     """The floors' images: as many real val (never seen by the feature net) and train images as one seed's samples."""
-    val_x, train_x = prep.images_float("val"), prep.images_float("train")
+    val_x, train_x = prep.image_rows("val"), prep.image_rows("train")  # only the subsets are read
     n = min(ev.cfg.eval.n_samples, len(val_x), len(train_x))
     return {"floor_val": val_x[subset(len(val_x), n, "eval-val", ev.cfg.seed)],
             "floor_train": train_x[subset(len(train_x), n, "eval-train", ev.cfg.seed)]}
@@ -189,7 +189,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         m |= headline(m["featnet"], "featnet")
 
         prep.release_test()  # nothing is chosen in this stage; test images are the reconstruction targets
-        test_x = prep.images_float("test")
+        test_x = prep.image_rows("test")  # memory-mapped: every use reads batches or a subset
         stage1 = load_model(ctx.path(UL1), "ul_stage1").to(dev) if have_ul else None
         if stage1 is not None:
             rec, grid = ul_reconstructions(ev, stage1, test_x, real["floor_val"])

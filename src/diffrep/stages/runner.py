@@ -191,8 +191,8 @@ def online_eval(ctx: StageContext, prep, kind: str, train_cfg: TrainConfig):
 
     dev = ctx.runtime.device
     probe = Probe(ctx.cfg.probe, torch.from_numpy(prep.labels("train")), prep.num_classes, ctx.cfg.seed)
-    return OnlineEval(lambda m: feature_fn(m, kind, device=dev), probe, prep.images_float("train"),
-                      prep.images_float("val"), torch.from_numpy(prep.labels("val")), train_cfg,
+    return OnlineEval(lambda m: feature_fn(m, kind, device=dev), probe, prep.image_rows("train"),
+                      prep.image_rows("val"), torch.from_numpy(prep.labels("val")), train_cfg,
                       curve_path=ctx.online_curve)
 
 

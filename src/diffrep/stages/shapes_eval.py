@@ -21,7 +21,7 @@ from diffrep.eval.control import FactorReader, edit_specificity, swap_group
 from diffrep.eval.dci import dci_intervals
 from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.features import batched, pca_features, subset
+from diffrep.eval.features import batched, pca_features, pixels, subset
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.io import ArtifactError, atomic_dir, write_json
 from diffrep.models import artifact
@@ -74,10 +74,10 @@ def encoders(ctx, cfg: Config) -> tuple[dict, list[Path]]:
 
 def dci_all(fns: dict, prep, cfg: Config) -> dict:
     d = cfg.eval.dci
-    train_x, test_x = prep.images_float("train"), prep.images_float("test")
+    train_x, test_x = prep.image_rows("train"), prep.image_rows("test")  # memory-mapped, read in batches
     idx = subset(len(train_x), d.max_train, "dci", cfg.seed)
     codes = {n: (f(train_x[idx]).numpy(), f(test_x).numpy()) for n, f in fns.items()}
-    pca = pca_features(train_x[idx].flatten(1), test_x.flatten(1), dim=d.pca_dim, seed=cfg.seed)
+    pca = pca_features(train_x[idx].flatten(1), pixels(test_x), dim=d.pca_dim, seed=cfg.seed)
     codes["pca"] = tuple(c.numpy() for c in pca)
     return dci_intervals(codes, prep.array("train", "factors")[idx.numpy()], prep.array("test", "factors"),
                          prep.array("test", "object_ids"), bins=d.bins, n_estimators=d.n_estimators,

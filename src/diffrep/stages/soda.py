@@ -40,7 +40,7 @@ def training_data(prep: Prepared) -> tuple[dict[str, torch.Tensor], int]:
 def evaluate(model: Soda, prep: Prepared, cfg: Config, device) -> tuple[dict, torch.Tensor, int]:
     """Reconstructions (and, with poses, novel views) of test images; z is probed by the linear_probe stage."""
     prep.release_test()  # nothing is chosen here: test is read once, for the reported numbers
-    test_x = prep.images_float("test")
+    test_x = prep.image_rows("test")  # memory-mapped: only the picked rows are read
     poses, ids = (prep.array("test", f) for f in ("poses", "object_ids"))
     poses, ids = (None, None) if poses is None else (torch.from_numpy(poses), torch.from_numpy(ids))
     n = cfg.soda.eval_images
@@ -58,7 +58,7 @@ def run(cfg: Config, root: Path) -> dict | None:
         inputs = [ctx.path(PREPARED)]
 
         def sample_fn(ema: Soda) -> torch.Tensor:  # TensorBoard: reconstructions of 8 fixed val images
-            x = prep.images_float("val")[:8].to(ctx.runtime.device)
+            x = prep.image_rows("val")[:8].to(ctx.runtime.device)
             p = prep.array("val", "poses")
             pose = torch.from_numpy(p[:8]).to(x.device) if p is not None else None
             return torch.cat([x, ema.decode(ema.encode(x), pose, steps=20)])
