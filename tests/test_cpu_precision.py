@@ -56,6 +56,12 @@ def test_without_native_bf16_every_stage_trains_in_fp32_as_before():
         assert resolve_runtime(CPU, stage, cpu=PLAIN).autocast_dtype is None
 
 
+def test_the_declared_table_on_a_native_bf16_cpu():
+    """As committed (docs/studies/cpu-precision.md): only UL stage 2 paid and held its quality."""
+    got = {stage: resolve_runtime(CPU, stage, cpu=NATIVE).precision for stage in TRAINED}
+    assert got == {"soda": "fp32", "ul_stage1": "fp32", "ul_stage2": "bf16", "ldae": "fp32", "feature_net": "fp32"}
+
+
 def test_the_declared_table_is_backed_by_the_benchmark():
     """Every stage in CPU_BF16 paid in the committed `python -m bench.cpu_precision` run, on a native-bf16 CPU."""
     res = json.loads((ROOT / "bench/results/cpu_precision.json").read_text())
