@@ -17,8 +17,10 @@ from torch import nn
 from diffrep.config import Config, TrainConfig
 
 MODELS = ("soda", "ul_stage1", "ul_stage2", "ldae")
+TRAINED = MODELS + ("feature_net",)  # every trained stage of the pipeline (the FD feature space last)
 LABELS = {"soda": "SODA", "ul_stage1": "UL stage 1 (encoder + prior + decoder)", "ul_stage2": "UL stage 2 (base)",
-          "ldae": "l-DAE"}
+          "ldae": "l-DAE", "feature_net": "feature net (FD classifier)"}
+NUM_CLASSES = 10  # the feature net's head: mnist5k / digits have ten classes
 
 
 @dataclass
@@ -77,7 +79,15 @@ def build(name: str, cfg: Config, shape: tuple[int, int, int]) -> ModelSpec:
         model = Ldae(cfg.ldae, shape)
         model.fit_tokenizer(images, seed=cfg.seed)  # the step needs a fitted tokenizer; its values do not matter
         return ModelSpec(name, model, t, {"images": images}, shape)
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if name == "feature_net":
+        from diffrep.eval.feature_net import FeatureNet
+
+        t = cfg.feature_net.train
+        n = n_items(t.batch_size)
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(0))
+        return ModelSpec(name, FeatureNet(cfg.feature_net, shape, NUM_CLASSES), t,
+                         {"images": synthetic_images(n, shape), "labels": labels}, shape)
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(TRAINED)}")
 
 
 def sampling_models(cfg: Config, shape: tuple[int, int, int]):

@@ -50,8 +50,8 @@ def variant_root(what: str, overrides: str, work: Path) -> Path:
     return work / what / "_".join(o.replace("=", "-") for o in overrides.split())
 
 
-def run_variant(what: str, overrides: str, work: Path, threads: int) -> Path:
-    """Run STAGES[what] in variant_root(...) on params.yaml plus the overrides; skip stages already done."""
+def run_variant(what: str, overrides: str, work: Path, threads: int, stages: tuple[str, ...] | None = None) -> Path:
+    """Run STAGES[what] (or `stages`) in variant_root(...) on params.yaml plus the overrides; skip stages done."""
     root = variant_root(what, overrides, work)
     for rel in SHARED[what]:
         if not (root / rel).exists():
@@ -63,7 +63,7 @@ def run_variant(what: str, overrides: str, work: Path, threads: int) -> Path:
     params["runtime"]["num_threads"] = threads
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    for stage in STAGES[what]:
+    for stage in stages or STAGES[what]:
         if (root / f"metrics/{stage}.json").is_file():
             continue
         with open(root / f"{stage}.log", "w") as log:

@@ -58,7 +58,9 @@ class DataConfig(Section):
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA; on a CPU, bf16 only for the stages in runtime.CPU_BF16 and only with native
+    # bf16 (AVX512-BF16 or AMX), else fp32 (docs/training.md#precision); fp32 / bf16 force
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     channels_last: bool = True  # NHWC memory format for 4-D activations
     num_threads: int = Field(0, ge=0)  # 0: torch's default (all cores)

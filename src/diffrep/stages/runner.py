@@ -126,7 +126,7 @@ def stage(name: str, cfg: Config, root: Path) -> Iterator[StageContext]:
             if dist.is_main:  # one lock per run, not per DDP process
                 guards.enter_context(stage_lock(Path(root), name))
             guards.enter_context(exit_on_signals())
-            runtime = resolve_runtime(cfg.runtime)
+            runtime = resolve_runtime(cfg.runtime, name)  # precision: auto looks the stage up (runtime.CPU_BF16)
             torch.manual_seed(cfg.seed)
             yield StageContext(name, cfg, Path(root), runtime, dist, now_utc(), time.perf_counter())
     finally:
@@ -211,7 +211,7 @@ def discard_checkpoints(ckpt_dir: Path) -> None:
 
 
 def finish(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any], inputs: Iterable[Path],
-           outputs: Iterable[Path]) -> dict[str, Any]:
+           outputs: Iterable[Path], trained: bool = False) -> dict[str, Any]:
     """Write metrics/<stage>.json with the lineage block, and print a one-screen summary."""
     metrics = dict(metrics)
     metrics["wall_s"] = round(ctx.elapsed(), 1)
@@ -219,6 +219,8 @@ def finish(ctx: StageContext, metrics: dict[str, Any], *, params: dict[str, Any]
                                        device=str(ctx.runtime.device), started=ctx.started, root=ctx.root)
     if ctx.resume is not None:
         metrics["lineage"]["resume"] = ctx.resume
+    if trained:  # what the training step ran in (fp32 | bf16) and why: two machines' numbers differ by it
+        metrics["lineage"]["precision"] = ctx.runtime.precision_record()
     if ctx.online:
         metrics["lineage"]["selection"] = {k: ctx.online.get(k) for k in ("select", "selected_step", "val_knn_selected")}
     write_json(ctx.path(f"metrics/{ctx.name}.json"), metrics)
@@ -245,7 +247,7 @@ def finish_training(ctx: StageContext, metrics: dict[str, Any], *, params: dict[
 
             write_curve(ctx.online_curve, [])
         outputs.append(ctx.online_curve)
-    out = finish(ctx, metrics, params=params, inputs=inputs, outputs=outputs)
+    out = finish(ctx, metrics, params=params, inputs=inputs, outputs=outputs, trained=True)
     discard_checkpoints(ckpt_dir)
     return out
 
