@@ -130,3 +130,18 @@ def test_the_benchmark_interleaves_both_arms_and_applies_its_rule(tmp_path):
     assert row["speedup"] == pytest.approx(dec["ratio_median"] - 1, abs=1e-4)
     assert row["pays"] == (row["speedup"] >= cpu_precision.PAYS and dec["ratio_q1"] > 1)
     assert row["loss_after"]["fp32"] != row["loss_after"]["bf16"]  # the bf16 arm really ran in bf16
+
+
+def test_resume_fingerprint_names_the_training_precision(tmp_path):
+    """A checkpoint written in fp32 is never resumed in bf16 (or back) when `auto` resolves differently."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffrep.stages.runner import fingerprint
+
+    def ctx(dtype):
+        return SimpleNamespace(name="ldae", cfg=SimpleNamespace(seed=0), runtime=SimpleNamespace(autocast_dtype=dtype))
+
+    fp32, bf16 = fingerprint(ctx(None), {"a": 1}, []), fingerprint(ctx(torch.bfloat16), {"a": 1}, [])
+    assert fp32 != bf16 and fp32 == fingerprint(ctx(None), {"a": 1}, [])

@@ -134,9 +134,11 @@ def stage(name: str, cfg: Config, root: Path) -> Iterator[StageContext]:
 
 
 def fingerprint(ctx: StageContext, params: dict[str, Any], inputs: Iterable[Path]) -> str:
-    """Hash of everything that determines the trained weights (params, seed, input contents)."""
+    """Hash of everything that determines the trained weights (params, seed, input contents, the resolved
+    training precision: `precision: auto` differs by CPU, so a checkpoint never resumes in another one)."""
     return json_hash({"stage": ctx.name, "params": params, "seed": ctx.cfg.seed,
-                      "inputs": {str(p): path_hash(p) for p in inputs}})
+                      "inputs": {str(p): path_hash(p) for p in inputs},
+                      "autocast": str(ctx.runtime.autocast_dtype)})
 
 
 def train(ctx: StageContext, model: torch.nn.Module, train_cfg: TrainConfig, data: dict[str, torch.Tensor], *,
