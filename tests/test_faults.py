@@ -220,9 +220,17 @@ def test_enospc_writing_prepared_arrays_keeps_the_previous_data(tmp_path, monkey
 
     shutil.copytree(prepared_digits[0], tmp_path, dirs_exist_ok=True)
     before = _hashes(tmp_path / "data")
-    with disk_full(monkeypatch, dio, "atomic_path", "test_images.npy"):
-        with pytest.raises(ArtifactError, match="could not be written .*No space left"):
-            run(make_cfg(source="digits", image_size=8), tmp_path)
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, length):  # the disk fills while the memory-mapped split files get their blocks
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("test_images.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(ArtifactError, match="could not be written .*No space left"):
+        run(make_cfg(source="digits", image_size=8), tmp_path)
+    monkeypatch.setattr(os, "posix_fallocate", real)
     assert _hashes(tmp_path / "data") == before and leftovers(tmp_path) == []
     run(make_cfg(source="digits", image_size=8), tmp_path)  # next run: byte-identical output
     assert _hashes(tmp_path / "data") == before

@@ -17,6 +17,7 @@ than its header said, the pass runs again with the right count.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -217,5 +218,18 @@ def create_image_files(out: Path, counts: dict[str, int], shape: tuple[int, int,
             np.save(p, np.zeros((0, *shape), np.uint8), allow_pickle=False)
         else:
             np.lib.format.open_memmap(p, mode="w+", dtype=np.uint8, shape=(n, *shape)).flush()
+            reserve(p)
         paths.append(p)
     return paths
+
+
+def reserve(path: Path) -> None:
+    """Give the (sparse) file its disk blocks now. On a full disk this raises ENOSPC here, as an error
+    `atomic_dir` reports, instead of a SIGBUS later when a worker writes to a mapped page that has no
+    block behind it. Filesystems without fallocate keep the sparse file."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
