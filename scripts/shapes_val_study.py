@@ -19,38 +19,14 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPE = ROOT / "pipelines/shapes"
 sys.path.insert(0, str(ROOT / "scripts"))
-from val_recheck import set_key  # noqa: E402
-
-
-def run_variant(overrides: str, work: Path, threads: int) -> Path:
-    root = work / "_".join(o.replace("=", "-") for o in overrides.split())
-    if not (root / "data/prepared").exists():
-        shutil.copytree(PIPE / "data/prepared", root / "data/prepared")
-    params = yaml.safe_load((PIPE / "params.yaml").read_text())
-    for o in overrides.split():
-        key, _, value = o.partition("=")
-        set_key(params, key, yaml.safe_load(value))
-    params["runtime"]["num_threads"] = threads
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if not (root / "metrics/soda.json").is_file():
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-        with open(root / "soda.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "diffrep.cli", "stage", "soda", "--params",
-                                 str(root / "params.yaml"), "--root", str(root)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT).returncode
-        if rc:
-            raise SystemExit(f"{root}: stage soda exited {rc}; see {root / 'soda.log'}")
-    return root
+from val_recheck import run_variant  # noqa: E402  (the same scratch-root runner, on the shapes pipeline)
 
 
 def val_scores(roots: dict[str, Path], seed: int, resamples: int) -> list[str]:
@@ -105,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     threads = max(1, (os.cpu_count() or 2) // a.jobs)
     with cf.ThreadPoolExecutor(a.jobs) as pool:
-        trained = dict(zip(a.variants, pool.map(lambda v: run_variant(v, a.work, threads), a.variants)))
+        trained = dict(zip(a.variants, pool.map(lambda v: run_variant("soda", v, a.work, threads, ("soda",), PIPE), a.variants)))
     print("\n".join(val_scores({"main": PIPE} | trained, a.seed, a.resamples)))
     return 0
 

@@ -50,13 +50,15 @@ def variant_root(what: str, overrides: str, work: Path) -> Path:
     return work / what / "_".join(o.replace("=", "-") for o in overrides.split())
 
 
-def run_variant(what: str, overrides: str, work: Path, threads: int, stages: tuple[str, ...] | None = None) -> Path:
-    """Run STAGES[what] (or `stages`) in variant_root(...) on params.yaml plus the overrides; skip stages done."""
+def run_variant(what: str, overrides: str, work: Path, threads: int, stages: tuple[str, ...] | None = None,
+                pipeline: Path = ROOT) -> Path:
+    """Run STAGES[what] (or `stages`) in variant_root(...) on `pipeline`'s params.yaml plus the overrides,
+    sharing its SHARED[what] outputs (the root pipeline, or e.g. pipelines/shapes); skip stages done."""
     root = variant_root(what, overrides, work)
     for rel in SHARED[what]:
         if not (root / rel).exists():
-            shutil.copytree(ROOT / rel, root / rel)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+            shutil.copytree(pipeline / rel, root / rel)
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
     for o in overrides.split():
         key, _, value = o.partition("=")
         set_key(params, key, yaml.safe_load(value))
