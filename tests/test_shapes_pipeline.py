@@ -50,7 +50,7 @@ def test_shared_stages_match_the_root_pipeline():
     """The stages both pipelines run (same code) declare the same deps, params and plots, so neither goes stale alone."""
     root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     shapes = yaml.safe_load((SHAPES / "dvc.yaml").read_text())["stages"]
-    for name in ("prepare", "soda", "ul_stage1", "ldae", "feature_net"):
+    for name in ("prepare", "soda", "ul_stage1", "ldae", "feature_net", "linear_probe"):
         src = sorted(d for d in root[name]["deps"] if d.startswith("src/"))
         assert sorted(d.removeprefix("../../") for d in shapes[name]["deps"] if d.startswith("../../")) == src, name
         assert shapes[name]["params"] == root[name]["params"], name
@@ -90,6 +90,10 @@ def test_repro_writes_the_shapes_report_with_intervals(repo):
     for f in ("shapes.md", "nvs.png", "edit.png", "interpolation.png", "dci_importance.png"):
         assert (repo / "reports" / f).is_file()
     assert m["lineage"]["stage"] == "shapes_eval"
+    probe = json.loads((repo / "metrics/linear_probe.json").read_text())  # the probe of the shape class
+    assert {"soda", "ul", "ldae", "raw_pixels", "pca"} <= set(probe["representations"])
+    assert probe["settings"]["num_classes"] == 8
+    assert "## Linear probe and kNN" in (repo / "reports/shapes.md").read_text()
     assert json.loads((repo / "metrics/soda.json").read_text())["novel_view_psnr"] > 0  # pose-conditioned SODA
     # its own lock, next to its own dvc.yaml; a second repro has nothing to do
     assert (repo / "dvc.lock").is_file()

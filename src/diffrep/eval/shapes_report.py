@@ -57,8 +57,8 @@ def headline(scores: dict, cfg) -> dict:
     return m | {"shapes_eval": scores}
 
 
-def write(folder: Path, figures: Path, scores: dict, cfg) -> None:
-    """reports/shapes.md and its figures."""
+def write(folder: Path, figures: Path, scores: dict, cfg, probe: list[str] = ()) -> None:
+    """reports/shapes.md and its figures; `probe`: the linear-probe section's markdown lines, appended."""
     for name in ("nvs.png", "edit.png", "interpolation.png", "dci_importance.png"):
         shutil.copy(figures / name, folder / name)
     nv, d, c = scores["novel_views"], scores["dci"], scores["control"]
@@ -105,4 +105,5 @@ def write(folder: Path, figures: Path, scores: dict, cfg) -> None:
           "", "Edit grid (rows: objects; columns: a, b, a decoded, then a with sub-vector g of b, g = 0..):", "",
           "![edits](edit.png)", "", "Interpolation between two codes (shared noise):", "",
           "![interpolation](interpolation.png)", ""]
+    L += list(probe)
     write_text(folder / "shapes.md", "\n".join(L))

@@ -6,7 +6,8 @@
   DCI            SODA z, UL latent, l-DAE features, PCA of pixels and random-init encoders against the
                  renderer's factors, intervals over test objects, SODA paired against each (eval/dci.py)
   control        edit specificity of each z sub-vector (eval/control.py), an edit grid, an interpolation strip
-Writes results/shapes_eval/ (figures, scores.json), metrics/shapes_eval.json and reports/shapes.md.
+Writes results/shapes_eval/ (figures, scores.json), metrics/shapes_eval.json and reports/shapes.md (with the
+`linear_probe` stage's table of the shape class, when metrics/linear_probe.json exists).
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
 from diffrep.eval.features import batched, pca_features, pixels, subset
 from diffrep.eval.grid import interleave, save_grid
-from diffrep.io import ArtifactError, atomic_dir, write_json
+from diffrep.io import ArtifactError, atomic_dir, read_json, write_json
 from diffrep.models import artifact
 from diffrep.stages import runner
+from diffrep.stages.report import section_probe
 
-PREPARED, FEATNET = Path("data/prepared"), Path("models/feature_net")
+PREPARED, FEATNET, PROBE = Path("data/prepared"), Path("models/feature_net"), Path("metrics/linear_probe.json")
 MODELS = {"soda": ("models/soda", "soda", "encode"), "ul": ("models/ul_stage1", "ul_stage1", "features"),
           "ldae": ("models/ldae", "ldae", "features")}
 OUT, REPORT = Path("results/shapes_eval"), Path("reports")
@@ -131,8 +133,10 @@ def run(cfg: Config, root: Path) -> dict | None:
             save_grid(tmp / "interpolation.png", strip, ncol=len(strip), upscale=3)
             shapes_report.importance_figure(tmp / "dci_importance.png", scores["dci"], soda.decoder.z_sizes)
             write_json(tmp / "scores.json", scores)
+        probe = ctx.path(PROBE)  # the linear_probe stage's table (shape class) goes into the same report
+        probe_md = section_probe({"linear_probe": read_json(probe)}) if probe.is_file() else []
         with atomic_dir(ctx.path(REPORT)) as tmp:
-            shapes_report.write(tmp, ctx.path(OUT), scores, cfg)
+            shapes_report.write(tmp, ctx.path(OUT), scores, cfg, probe=probe_md)
         params = {"seed": cfg.seed, "shapes_eval": to_dict(cfg.shapes_eval), "eval": to_dict(cfg.eval)}
         return runner.finish(ctx, shapes_report.headline(scores, cfg), params=params,
                              inputs=[ctx.path(PREPARED), ctx.path(FEATNET), *used],
