@@ -9,7 +9,8 @@ git commit (`git show REV:FILE`: `dvc exp show` keeps the numbers but drops the 
 
 One row per finished `shapes-*` experiment, after the baseline row of the commit it ran on (that
 commit's own metrics, i.e. main's lineage there): the params it changed, novel views (k = 1 PSNR and
-FD, PSNR at the largest k), DCI of SODA's z with its 95% interval, the best edit specificity, and the
+FD, PSNR at the largest k), DCI of SODA's z with its 95% interval, the best edit specificity (raw and
+over the noise floor, when the run measured it), and the
 linear probe of z on the shape class when the pipeline had that stage. Intervals are each run's own
 95% bootstrap over test objects; two rows are not paired here (different runs), so a difference
 whose intervals overlap is not shown to be real. Queued, running or failed experiments are listed
@@ -67,12 +68,13 @@ def row(name: str, rev: str, base_params: dict) -> list[str] | None:
     return [name, changed, ci(k1["psnr"], k1["psnr_ci95"], 2), f"{k1['fd']:.2f}", f"k={ks[-1]}: {kn['psnr']:.2f}",
             ci(soda["disentanglement"], soda["disentanglement_ci95"], 3), f"{soda['completeness']:.3f}",
             f"{soda['informativeness']:.3f}", f"{m['edit_specificity_max']:.2f}",
+            f"{m['edit_specificity_over_floor_max']:.2f}" if "edit_specificity_over_floor_max" in m else "-",
             ci(100 * probe["linear"]["acc"], [100 * x for x in probe["linear"]["ci95"]], 1) if probe else "-"]
 
 
 def table(show: list[dict]) -> str:
     head = ["experiment", "changed", "NVS PSNR k=1 (dB)", "NVS FD k=1", "NVS PSNR, most k", "DCI D (SODA z)", "C",
-            "I", "edit spec. max", "probe of z (%)"]
+            "I", "edit spec. max", "over the floor", "probe of z (%)"]
     lines, pending = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], []
     for commit in show:
         exps = [r for e in (commit.get("experiments") or []) for r in e.get("revs", [])

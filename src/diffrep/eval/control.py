@@ -5,7 +5,11 @@ object b's sub-vector g into object a's code. Edit specificity: decode a's code 
 the same noise at a's pose, read both renders with a factor predictor trained on real renders
 (`FactorReader`), and count, per factor, how often the predicted class changes. The share of those
 changes on the factor a sub-vector changes most is its specificity (1: it controls one factor only).
-Sampling noise alone (the same code decoded from two noises) is reported beside it as the floor.
+Sampling noise alone (the same code decoded from two noises) is reported beside it as the floor, and
+each group's specificity is also given over the floor: only the change rate above the floor counts
+(`excess = max(0, rate - floor)`), so a factor the reader reads unreliably, whose class flips under a new
+noise anyway, does not dilute the share. The edits share their noise with the unedited render, so a
+factor the sub-vector does not drive changes below the floor: the over-floor share is conservative.
 """
 from __future__ import annotations
 
@@ -58,6 +62,15 @@ class FactorReader:
         return np.stack([m.predict(feats) for m in self.models], 1)
 
 
+def specificity(rate: np.ndarray, names: list[str]) -> tuple[str | None, float]:
+    """(K,) change rates -> (the top factor, its share of the total); no change at all: (None, 0.0)."""
+    total = float(rate.sum())
+    if total <= 0:
+        return None, 0.0
+    top = int(rate.argmax())
+    return names[top], float(rate[top] / total)
+
+
 def edit_specificity(model, sources: torch.Tensor, poses: torch.Tensor, reader: FactorReader, names: list[str], *,
                      seed: int, steps: int | None = None) -> dict:
     """sources (n, C, H, W), one view per object, poses (n, P) to render at; pairs object i with object i+1."""
@@ -74,8 +87,9 @@ def edit_specificity(model, sources: torch.Tensor, poses: torch.Tensor, reader: 
     for grp in range(len(sizes)):
         edited = reader.predict(model.decode(swap_group(z, z_b, sizes, grp), p, noise=noise, steps=steps).cpu())
         rate = (edited != base).mean(0)  # (K,)
-        top = int(rate.argmax())  # no change at all: no top factor, specificity 0
+        top, share = specificity(rate, names)
+        top_over, share_over = specificity(np.clip(rate - floor, 0.0, None), names)
         rows.append({"group": grp, "size": int(sizes[grp]), "change_rate": dict(zip(names, rate.round(4).tolist())),
-                     "top_factor": names[top] if rate.sum() > 0 else None,
-                     "specificity": float(rate[top] / rate.sum()) if rate.sum() > 0 else 0.0})
+                     "top_factor": top, "specificity": share,
+                     "top_factor_over_floor": top_over, "specificity_over_floor": share_over})
     return {"groups": rows, "noise_floor": dict(zip(names, floor.round(4).tolist())), "pairs": int(len(sources))}

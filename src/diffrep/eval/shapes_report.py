@@ -51,9 +51,10 @@ def headline(scores: dict, cfg) -> dict:
     for name, row in scores["dci"]["codes"].items():
         for key in ("disentanglement", "completeness", "informativeness"):
             m[f"dci_{name}_{key}"] = row[key]
-    spec = sorted((g["specificity"] for g in scores["control"]["groups"]), reverse=True)
-    m["edit_specificity_max"] = spec[0]
-    m["edit_groups_specific_0.7"] = sum(s >= 0.7 for s in spec)
+    for suffix in ("", "_over_floor"):
+        spec = sorted((g[f"specificity{suffix}"] for g in scores["control"]["groups"]), reverse=True)
+        m[f"edit_specificity{suffix}_max"] = spec[0]
+        m[f"edit_groups_specific{suffix}_0.7"] = sum(s >= 0.7 for s in spec)
     return m | {"shapes_eval": scores}
 
 
@@ -95,11 +96,14 @@ def write(folder: Path, figures: Path, scores: dict, cfg, probe: list[str] = ())
           f"Each sub-vector of {c['pairs']} test objects swapped with a neighbour's, rendered at the object's "
           "own pose from the same noise; a factor reader (PCA of pixels, a forest per factor, trained on real "
           "training renders) reads both. Change rate: how often a factor's read class changes; specificity: "
-          "the share of the changes on the top factor. Noise floor: the same code from two noises.", "",
-          "| group | size | top factor | specificity | change rate per factor |", "|---|---|---|---|---|"]
+          "the share of the changes on the top factor. Noise floor: the same code from two noises. Over the "
+          "floor: the same share counting only each factor's change rate above its floor.", "",
+          "| group | size | top factor | specificity | top over the floor | specificity over the floor | "
+          "change rate per factor |", "|---|---|---|---|---|---|---|"]
     for g in c["groups"]:
         rates = ", ".join(f"{k} {v:.2f}" for k, v in g["change_rate"].items())
-        L.append(f"| {g['group']} | {g['size']} | {g['top_factor'] or '-'} | {g['specificity']:.2f} | {rates} |")
+        L.append(f"| {g['group']} | {g['size']} | {g['top_factor'] or '-'} | {g['specificity']:.2f} | "
+                 f"{g.get('top_factor_over_floor') or '-'} | {g.get('specificity_over_floor', 0.0):.2f} | {rates} |")
     L += ["", "Noise floor: " + ", ".join(f"{k} {v:.2f}" for k, v in c["noise_floor"].items()),
           "", "Reader test accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in c["reader_test_accuracy"].items()),
           "", "Edit grid (rows: objects; columns: a, b, a decoded, then a with sub-vector g of b, g = 0..):", "",
