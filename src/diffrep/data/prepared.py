@@ -210,16 +210,9 @@ def _check_shapes(path: Path, manifest: dict, arrays: dict[str, np.ndarray]) -> 
 def group_views(images, poses, object_ids):
     """Rows of single views -> one row per object: (n_obj, V, C, H, W) and (n_obj, V, P), objects in id order.
 
-    For sources with several camera views per object (shapes); every object must have the same number V >= 2.
+    In memory, for small sets (scripts); the stages read objects through train.batches.ObjectViews, the same order.
     """
-    import torch
+    from diffrep.train.batches import view_index
 
-    order = torch.argsort(object_ids, stable=True)
-    ids, counts = torch.unique_consecutive(object_ids[order], return_counts=True)
-    if counts.min() != counts.max():
-        raise ValueError(f"shapes data: objects have between {counts.min()} and {counts.max()} views; "
-                         "SODA's 3D views need the same number of views per object (re-run prepare)")
-    V = int(counts[0])
-    if V < 2:
-        raise ValueError("shapes data: every object needs at least 2 views for novel-view training")
-    return images[order].unflatten(0, (len(ids), V)), poses[order].unflatten(0, (len(ids), V))
+    index = view_index(object_ids)  # (n_obj, V)
+    return images[index.reshape(-1)].unflatten(0, tuple(index.shape)), poses[index]

@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import torch
 
-from diffrep.data.prepared import group_views
 from diffrep.eval.features import batched, spread
 from diffrep.eval.grid import interleave
 from diffrep.eval.recon import psnr, scores, ssim
+from diffrep.train.batches import ObjectViews, view_index
 
 
-def soda_views(model, images: torch.Tensor, poses: torch.Tensor | None, object_ids: torch.Tensor | None,
+def soda_views(model, images, poses: torch.Tensor | None, object_ids: torch.Tensor | None,
                pick: torch.Tensor, *, generator: torch.Generator, steps: int | None, device,
                show: int = 16) -> tuple[dict, torch.Tensor, int]:
-    """-> (metrics, grid images, grid columns). `pick` indexes images (2D) or objects (3D)."""
+    """-> (metrics, grid images, grid columns). `pick` indexes images (2D) or objects (3D).
+
+    images: an ImageRows (memory-mapped test rows; 2D may also pass a tensor): only the picked rows are read."""
     if poses is None:
         src = images[pick]  # (n, C, H, W)
         rec = batched(lambda x: model.reconstruct(x, steps=steps, generator=generator), src, device=device)
         s = spread(len(src), show)
         return scores(rec, src, "recon"), interleave(src[s], rec[s]), 2
-    views, pose = group_views(images, poses, object_ids)  # (n_obj, V, C, H, W), (n_obj, V, P)
-    pick = pick[pick < len(views)]
-    src, tgt, src_pose, tgt_pose = views[pick, 0], views[pick, 1], pose[pick, 0], pose[pick, 1]
+    index = view_index(object_ids)  # (n_obj, V) view rows of each object
+    pick = pick[pick < len(index)]
+    views, pose = ObjectViews(images, index)[pick], poses[index[pick]]  # only the picked objects' views are read
+    src, tgt, src_pose, tgt_pose = views[:, 0], views[:, 1], pose[:, 0], pose[:, 1]
     rec = batched(lambda x, p: model.decode(model.encode(x), p, steps=steps, generator=generator), src, src_pose,
                   device=device)
     nv = batched(lambda x, p: model.novel_view(x, p, steps=steps, generator=generator), src, tgt_pose, device=device)

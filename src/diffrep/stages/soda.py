@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrep.config import Config, to_dict
-from diffrep.data.prepared import Prepared, group_views, load_prepared
+from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.features import spread
 from diffrep.eval.grid import save_grid
 from diffrep.eval.soda import soda_views
@@ -22,6 +22,7 @@ from diffrep.io import atomic_dir
 from diffrep.models.artifact import save_model
 from diffrep.models.soda import Soda
 from diffrep.stages import runner
+from diffrep.train.batches import ObjectViews, view_index
 
 PREPARED = Path("data/prepared")
 OUT = Path("models/soda")
@@ -32,9 +33,9 @@ def training_data(prep: Prepared) -> tuple[dict[str, torch.Tensor], int]:
     poses = prep.array("train", "poses")
     if poses is None:
         return {"images": prep.image_rows("train")}, 0  # memory-mapped: each step reads its rows
-    x = prep.images_float("train")  # 3D: rows are regrouped by object (in memory)
-    images, poses = group_views(x, torch.from_numpy(poses), torch.from_numpy(prep.array("train", "object_ids")))
-    return {"images": images, "poses": poses}, poses.shape[-1]
+    index = view_index(torch.from_numpy(prep.array("train", "object_ids")))  # 3D: a row is an object, (n_obj, V)
+    images = ObjectViews(prep.image_rows("train"), index)  # each step reads its objects' views from the file
+    return {"images": images, "poses": torch.from_numpy(poses)[index]}, poses.shape[-1]  # poses (n_obj, V, P)
 
 
 def evaluate(model: Soda, prep: Prepared, cfg: Config, device) -> tuple[dict, torch.Tensor, int]:

@@ -5,7 +5,9 @@
   - a numpy array, memory-mapped or not (np.load(..., mmap_mode="r")): only the
     step's rows are read, then turned into a tensor,
   - an `ImageRows` view of a uint8 (N, C, H, W) array, memory-mapped in practice:
-    rows come back as float32 in [-1, 1], exactly what Prepared.images_float gives.
+    rows come back as float32 in [-1, 1], exactly what Prepared.images_float gives,
+  - an `ObjectViews` view: single-view rows regrouped by object through an index
+    (n_obj, V); a row is an object, read as its V views (B, V, C, H, W).
 So a split on disk is never read whole: a step touches batch_size rows of it.
 """
 from __future__ import annotations
@@ -41,7 +43,9 @@ class ImageRows:
             rows = np.asarray(idx, dtype=np.int64).reshape(-1)
             if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
                 raise IndexError(f"ImageRows: index out of range for {self.shape[0]} rows")
-            runs = [(int(i) % self.shape[0], 1) for i in rows]
+            rows = rows % self.shape[0]
+            cut = np.flatnonzero(np.diff(rows) != 1) + 1  # consecutive rows (an object's views) are one read
+            runs = [(int(r[0]), len(r)) for r in np.split(rows, cut)] if rows.size else []
         out = np.empty((sum(n for _, n in runs) * self._row,), dtype=np.uint8)
         fd, pos = os.open(name, os.O_RDONLY), 0
         try:
@@ -74,15 +78,61 @@ class ImageRows:
         return torch.from_numpy(rows).float().mul_(2.0 / 255.0).sub_(1.0)  # (B, C, H, W), as images_float
 
 
+def view_index(object_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) object id per view row -> (n_obj, V) row indices: objects in id order, each object's views in row order
+    (a stable argsort). For sources with several camera views per object (shapes); every object must have the
+    same number V >= 2."""
+    order = torch.argsort(object_ids, stable=True)
+    ids, counts = torch.unique_consecutive(object_ids[order], return_counts=True)
+    if counts.min() != counts.max():
+        raise ValueError(f"shapes data: objects have between {counts.min()} and {counts.max()} views; "
+                         "SODA's 3D views need the same number of views per object (re-run prepare)")
+    V = int(counts[0])
+    if V < 2:
+        raise ValueError("shapes data: every object needs at least 2 views for novel-view training")
+    return order.unflatten(0, (len(ids), V))
+
+
+class ObjectViews:
+    """Rows of single views (an ImageRows) seen one object per row: `[idx]` -> float32 (B, V, C, H, W).
+
+    `index` (n_obj, V) holds each object's view rows (`view_index`); indexing (an int array, a tensor or a slice of
+    objects) reads only those objects' views, so the Trainer's batches and the evaluation's chunks touch B * V rows."""
+
+    def __init__(self, rows: ImageRows, index: torch.Tensor):
+        if not isinstance(rows, ImageRows):
+            raise TypeError(f"ObjectViews: rows must be an ImageRows (Prepared.image_rows), got {type(rows).__name__}")
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.ndim != 2:
+            raise ValueError("ObjectViews: index must be an int64 (n_objects, views) tensor (view_index(object_ids)); "
+                             f"got {getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+        if index.numel() and (index.min() < 0 or index.max() >= len(rows)):
+            raise IndexError(f"ObjectViews: index holds rows outside 0..{len(rows) - 1} (the ImageRows has {len(rows)})")
+        self.rows, self.index = rows, index
+        self.shape = (*index.shape, *rows.shape[1:])  # (n_obj, V, C, H, W)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return 5
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, np.ndarray):
+            idx = torch.from_numpy(idx)
+        sel = self.index[idx]  # (B, V)
+        return self.rows[sel.reshape(-1)].unflatten(0, tuple(sel.shape))  # (B, V, C, H, W)
+
+
 def n_rows(v) -> int:
     return int(v.shape[0]) if len(v.shape) else 0
 
 
 def check_data(data: dict, batch_size: int) -> int:
     """The number of items; refuses an empty dict, unknown column types, disagreeing lengths, too few items."""
-    if not data or not all(isinstance(v, (torch.Tensor, np.ndarray, ImageRows)) for v in data.values()):
+    if not data or not all(isinstance(v, (torch.Tensor, np.ndarray, ImageRows, ObjectViews)) for v in data.values()):
         raise ValueError("Trainer: `data` must be a non-empty dict of N-first tensors, numpy arrays (memory-mapped "
-                         "or not) or ImageRows")
+                         "or not), ImageRows or ObjectViews")
     sizes = {k: n_rows(v) for k, v in data.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"Trainer: data tensors disagree on the number of items: {sizes}")
@@ -96,7 +146,7 @@ def gather(v, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` (B,) of one column as a CPU or in-place tensor (B, ...)."""
     if isinstance(v, torch.Tensor):
         return v[idx]
-    if isinstance(v, ImageRows):
+    if isinstance(v, (ImageRows, ObjectViews)):
         return v[idx]
     rows = v[idx.numpy()]  # fancy indexing: a fresh, writable copy of just these rows
     return torch.from_numpy(np.ascontiguousarray(rows))
