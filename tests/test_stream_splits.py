@@ -90,3 +90,59 @@ def test_3d_soda_trains_bit_identically_from_memory_mapped_views(shapes, tmp_pat
     assert old_rows == new_rows and len(new_rows) == 5  # every logged loss, term, lr and grad norm
     assert_same_weights(old.model, new.model)
     assert_same_weights(old.ema, new.ema)
+
+
+# ---------------------------------------------------------------- (c) shapes_eval: pose means, factor reader, DCI's PCA
+def test_pose_bin_means_stream_the_train_rows(shapes):
+    from diffrep.eval import nvs
+
+    x, poses = shapes.images_float("train"), torch.from_numpy(shapes.array("train", "poses"))
+    ids = nvs.pose_bins(poses, 3, 2)
+    old = x.mean(0, keepdim=True).repeat(6, 1, 1, 1)  # the in-memory float32 means this replaced
+    for b in ids.unique().tolist():
+        old[b] = x[ids == b].mean(0)
+    rows = Counting(shapes.images("train"))
+    new = nvs.pose_bin_means(rows, poses, (3, 2), batch_size=5)
+    assert max(rows.reads) <= 5 and sum(rows.reads) == len(x)
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-6)  # float64 sums: only float32 rounding differs
+    assert torch.equal(new, nvs.pose_bin_means(x, poses, (3, 2), batch_size=len(x)))  # any batch size, same bits
+
+
+def test_factor_reader_reads_rows_in_batches_and_predicts_as_before(shapes):
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import RandomForestClassifier
+
+    from diffrep.eval.control import FactorReader
+    from diffrep.eval.dci import discretize
+
+    f, test_f = shapes.array("train", "factors"), shapes.array("test", "factors")
+    kw = {"bins": 3, "pca_dim": 4, "n_estimators": 5, "seed": 0}
+    # the reader this replaced: every train and test row as floats in memory, one PCA transform of each
+    flat, test_flat = (shapes.images_float(s).flatten(1).numpy() for s in ("train", "test"))
+    pca = PCA(n_components=4, random_state=0).fit(flat)
+    y = discretize(f, f[:1], 3)[0]
+    forests = [RandomForestClassifier(n_estimators=5, min_samples_leaf=2, n_jobs=-1, random_state=0)
+               .fit(pca.transform(flat), y[:, k]) for k in range(y.shape[1])]
+    old = np.stack([m.predict(pca.transform(test_flat)) for m in forests], 1)
+    rows, test_rows = Counting(shapes.images("train")), Counting(shapes.images("test"))
+    new = FactorReader(rows, f, **kw, batch_size=5)
+    assert rows.reads[0] == len(rows) and max(rows.reads[1:]) <= 5  # the PCA fit (N <= fit_rows), then batches
+    assert np.array_equal(new.predict(test_rows), old) and max(test_rows.reads) <= 5
+    np.testing.assert_array_equal(new.features(shapes.image_rows("test")), pca.transform(test_flat))
+    rows.reads.clear()
+    capped = FactorReader(rows, f, **kw, fit_rows=10, batch_size=5)  # the PCA sees a fixed draw of 10 rows
+    assert rows.reads[0] == 10 and max(rows.reads[1:]) <= 5 and capped.predict(test_rows).shape == test_f.shape
+    with pytest.raises(ValueError, match="FactorReader: 24 training images but 23 factor rows"):
+        FactorReader(rows, f[:-1], **kw)
+
+
+def test_pca_of_pixels_projects_test_rows_in_batches_exactly(shapes):
+    from sklearn.decomposition import PCA
+
+    from diffrep.eval.features import pca_features
+
+    train, test = shapes.images_float("train")[:20], Counting(shapes.images("test"))
+    ref = PCA(n_components=4, svd_solver="full", random_state=0).fit(train.flatten(1).numpy())
+    tr, te = pca_features(train, test, dim=4, seed=0, batch_size=5)
+    assert np.array_equal(te.numpy(), ref.transform(shapes.images_float("test").flatten(1).numpy()))
+    assert np.array_equal(tr.numpy(), ref.transform(train.flatten(1).numpy())) and max(test.reads) <= 5

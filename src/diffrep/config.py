@@ -294,6 +294,7 @@ class ShapesEvalConfig(Section):
     edit_pairs: int = Field(100, ge=2)  # test objects whose sub-vectors are swapped with a neighbour's
     interp_steps: int = Field(8, ge=2)  # images in the interpolation strip
     reader_pca_dim: int = Field(64, ge=1)  # the factor reader: PCA of pixels -> a random forest per factor
+    reader_pca_rows: int = Field(10000, ge=2)  # train rows the reader's PCA is fitted on (a fixed draw if more)
     bootstrap: int = Field(1000, ge=100)  # resamples over test objects (NVS scores, DCI)
 
 

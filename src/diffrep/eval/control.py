@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffrep.eval.dci import discretize
+from diffrep.eval.features import batched, subset
 
 
 def group_slices(sizes: tuple[int, ...] | list[int]) -> list[slice]:
@@ -37,28 +38,42 @@ def swap_group(z_a: torch.Tensor, z_b: torch.Tensor, sizes, group: int) -> torch
 
 
 class FactorReader:
-    """Reads the renderer's factors (as DCI's classes) back from images: PCA of pixels -> a forest per factor."""
+    """Reads the renderer's factors (as DCI's classes) back from images: PCA of pixels -> a forest per factor.
 
-    def __init__(self, train_x: torch.Tensor, train_factors: np.ndarray, *, bins: int, pca_dim: int = 64,
-                 n_estimators: int = 50, seed: int = 0):
+    Images are rows: a tensor or a memory-mapped ImageRows, read `batch_size` at a time. The PCA is fitted on at
+    most `fit_rows` training rows (a fixed draw keyed by `seed` when the split has more; all rows, in order,
+    otherwise), the forests on every training row's PCA coordinates (N x pca_dim)."""
+
+    def __init__(self, train_x, train_factors: np.ndarray, *, bins: int, pca_dim: int = 64,
+                 n_estimators: int = 50, seed: int = 0, fit_rows: int = 10000, batch_size: int = 1000):
         from sklearn.decomposition import PCA
         from sklearn.ensemble import RandomForestClassifier
 
-        self.train_factors, self.bins = np.asarray(train_factors), bins
+        self.train_factors, self.bins, self.batch_size = np.asarray(train_factors), bins, batch_size
+        if len(self.train_factors) != len(train_x):
+            raise ValueError(f"FactorReader: {len(train_x)} training images but {len(self.train_factors)} factor rows")
         y, _ = discretize(self.train_factors, self.train_factors[:1], bins)
-        flat = train_x.flatten(1).numpy()
+        n = len(train_x)
+        fit = train_x[:] if n <= fit_rows else train_x[subset(n, fit_rows, "factor-reader", seed).sort().values]
+        flat = fit.flatten(1).numpy()  # (min(N, fit_rows), C*H*W)
         self.pca = PCA(n_components=min(pca_dim, *flat.shape), random_state=seed).fit(flat)
-        feats = self.pca.transform(flat)
+        del fit, flat
+        feats = self.features(train_x)  # (N, pca_dim)
         self.models = [RandomForestClassifier(n_estimators=n_estimators, min_samples_leaf=2, n_jobs=-1,
                                               random_state=seed).fit(feats, y[:, k]) for k in range(y.shape[1])]
+
+    def features(self, x) -> np.ndarray:
+        """(N, C, H, W) rows -> (N, pca_dim) PCA coordinates, in batches."""
+        return batched(lambda b: torch.from_numpy(self.pca.transform(b.flatten(1).numpy())), x,
+                       batch_size=self.batch_size).numpy()
 
     def classes(self, factors: np.ndarray) -> np.ndarray:
         """True factor rows -> their classes under the training bins (what `predict` is scored against)."""
         return discretize(self.train_factors, np.asarray(factors), self.bins)[1]
 
-    def predict(self, x: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) images -> (N, K) predicted factor classes."""
-        feats = self.pca.transform(x.flatten(1).numpy())
+    def predict(self, x) -> np.ndarray:
+        """(N, C, H, W) images (a tensor or ImageRows) -> (N, K) predicted factor classes."""
+        feats = self.features(x)
         return np.stack([m.predict(feats) for m in self.models], 1)
 
 

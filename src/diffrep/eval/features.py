@@ -50,19 +50,26 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
-def fit_pca(train: torch.Tensor, *, dim: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """sklearn PCA with `dim` components fitted on `train` (N, D) -> a function projecting any (M, D) on them."""
+def fit_pca(train, *, dim: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """sklearn PCA with `dim` components fitted on `train` -> a function projecting any (M, D) on them.
+
+    `train`: (N, D) features, or (N, C, H, W) image rows (a tensor or ImageRows); all N rows are read at once,
+    so callers pass a bounded subset."""
     from sklearn.decomposition import PCA
 
+    train = train[:].flatten(1)  # (N, D)
     dim = min(dim, train.shape[1], len(train))
     pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(train.numpy())
     return lambda x: torch.from_numpy(pca.transform(x.numpy())).float()
 
 
-def pca_features(train: torch.Tensor, *others: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """The top `dim` principal components (fitted on `train`) of train and of each other set."""
+def pca_features(train, *others, dim: int, seed: int, batch_size: int = 500) -> tuple[torch.Tensor, ...]:
+    """The top `dim` principal components (fitted on `train`) of train and of each other set.
+
+    Sets of image rows (N, C, H, W; tensors or memory-mapped ImageRows) are flattened and projected
+    `batch_size` rows at a time, so only `train` (a bounded subset in every caller) is ever whole in memory."""
     project = fit_pca(train, dim=dim, seed=seed)
-    return tuple(project(x) for x in (train, *others))
+    return tuple(batched(lambda b: project(b.flatten(1)), x, batch_size=batch_size) for x in (train, *others))
 
 
 def spread(n: int, k: int) -> torch.Tensor:

@@ -33,13 +33,21 @@ def pose_bins(poses: torch.Tensor, az_bins: int, el_bins: int) -> torch.Tensor:
     return a * el_bins + e.clamp(0, el_bins - 1)
 
 
-def pose_bin_means(train_x: torch.Tensor, train_poses: torch.Tensor, bins: tuple[int, int]) -> torch.Tensor:
-    """(n_bins, C, H, W): the training split's mean image per pose bin (the overall mean where a bin is empty)."""
-    ids = pose_bins(train_poses, *bins)
-    out = train_x.mean(0, keepdim=True).repeat(bins[0] * bins[1], 1, 1, 1)
-    for b in ids.unique().tolist():
-        out[b] = train_x[ids == b].mean(0)
-    return out
+def pose_bin_means(train_x, train_poses: torch.Tensor, bins: tuple[int, int], batch_size: int = 1000) -> torch.Tensor:
+    """(n_bins, C, H, W): the training split's mean image per pose bin (the overall mean where a bin is empty).
+
+    train_x: (N, C, H, W) rows, a tensor or a memory-mapped ImageRows, read `batch_size` rows at a time into
+    float64 sums per bin (so the means do not depend on the batch size, and differ from a float32 mean of the
+    whole split only in float32 rounding)."""
+    ids = pose_bins(train_poses, *bins)  # (N,)
+    n_bins = bins[0] * bins[1]
+    sums = torch.zeros((n_bins, *train_x.shape[1:]), dtype=torch.float64)  # (n_bins, C, H, W)
+    for i in range(0, len(train_x), batch_size):
+        sums.index_add_(0, ids[i : i + batch_size], train_x[i : i + batch_size].double())
+    counts = torch.bincount(ids, minlength=n_bins).double()  # (n_bins,)
+    overall = sums.sum(0, keepdim=True) / len(ids)
+    per_bin = sums / counts.clamp_min(1).view(-1, *[1] * (sums.ndim - 1))
+    return torch.where(counts.view(-1, *[1] * (sums.ndim - 1)) > 0, per_bin, overall).float()
 
 
 def synthesise(model, views: torch.Tensor, poses: torch.Tensor, ks: tuple[int, ...], *, seed: int,

@@ -34,7 +34,7 @@ from diffrep.data.prepared import Prepared, load_prepared
 from diffrep.eval.dci import dci
 from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.features import batched, pca_features, pixels, quantise, subset
+from diffrep.eval.features import batched, pca_features, quantise, subset
 from diffrep.eval.fid import InceptionFeatures
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.eval.reference import load_reference, save_features
@@ -75,7 +75,7 @@ def dci_all(encoders: dict, prep: Prepared, cfg: Config, device) -> dict:
     names = prep.manifest.get("factor_names")
     codes = {name: (batched(fn, train_x[idx], device=device).flatten(1), batched(fn, test_x, device=device).flatten(1))
              for name, fn in encoders.items()}
-    codes["pca"] = pca_features(train_x[idx].flatten(1), pixels(test_x), dim=d.pca_dim, seed=cfg.seed)
+    codes["pca"] = pca_features(train_x[idx], test_x, dim=d.pca_dim, seed=cfg.seed)  # test: projected in batches
     return {name: dci(tr.numpy(), f_tr, te.numpy(), f_te, factor_names=names, method=d.method, bins=d.bins,
                       n_estimators=d.n_estimators, max_depth=d.max_depth, lasso_c=d.lasso_c, seed=cfg.seed)
             for name, (tr, te) in codes.items()}

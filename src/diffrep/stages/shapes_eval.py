@@ -16,18 +16,19 @@ from pathlib import Path
 import torch
 
 from diffrep.config import Config, to_dict
-from diffrep.data.prepared import group_views, load_prepared
+from diffrep.data.prepared import load_prepared
 from diffrep.eval import nvs, shapes_report
 from diffrep.eval.control import FactorReader, edit_specificity, swap_group
 from diffrep.eval.dci import dci_intervals
 from diffrep.eval.distances import distances
 from diffrep.eval.feature_net import load_feature_net
-from diffrep.eval.features import batched, pca_features, pixels, subset
+from diffrep.eval.features import batched, pca_features, subset
 from diffrep.eval.grid import interleave, save_grid
 from diffrep.io import ArtifactError, atomic_dir, read_json, write_json
 from diffrep.models import artifact
 from diffrep.stages import runner
 from diffrep.stages.report import section_probe
+from diffrep.train.batches import ObjectViews, view_index
 
 PREPARED, FEATNET, PROBE = Path("data/prepared"), Path("models/feature_net"), Path("metrics/linear_probe.json")
 MODELS = {"soda": ("models/soda", "soda", "encode"), "ul": ("models/ul_stage1", "ul_stage1", "features"),
@@ -39,10 +40,10 @@ def novel_views(soda, prep, cfg: Config, featnet, dev) -> tuple[dict, torch.Tens
     """-> (scores, grid images, grid columns)."""
     s = cfg.shapes_eval
     test = {f: torch.from_numpy(prep.array("test", f)) for f in ("poses", "object_ids")}
-    views, poses = group_views(prep.images_float("test"), test["poses"], test["object_ids"])
-    views, poses = views[:s.max_objects], poses[:s.max_objects]
-    tr_views, tr_poses = prep.images_float("train"), torch.from_numpy(prep.array("train", "poses"))
-    means = nvs.pose_bin_means(tr_views, tr_poses, s.pose_bins)
+    index = view_index(test["object_ids"])[: s.max_objects]  # (n, V): the first max_objects test objects
+    views, poses = ObjectViews(prep.image_rows("test"), index)[:], test["poses"][index]  # only their views are read
+    tr_poses = torch.from_numpy(prep.array("train", "poses"))
+    means = nvs.pose_bin_means(prep.image_rows("train"), tr_poses, s.pose_bins)  # streamed over the train rows
     target = views[:, -1]
     preds = {f"soda_k{k}": x for k, x in nvs.synthesise(soda, views, poses, s.source_views, seed=cfg.seed).items()}
     preds |= {"copy_source": views[:, 0], "pose_mean": means[nvs.pose_bins(poses[:, -1], *s.pose_bins)]}
@@ -79,8 +80,7 @@ def dci_all(fns: dict, prep, cfg: Config) -> dict:
     train_x, test_x = prep.image_rows("train"), prep.image_rows("test")  # memory-mapped, read in batches
     idx = subset(len(train_x), d.max_train, "dci", cfg.seed)
     codes = {n: (f(train_x[idx]).numpy(), f(test_x).numpy()) for n, f in fns.items()}
-    pca = pca_features(train_x[idx].flatten(1), pixels(test_x), dim=d.pca_dim, seed=cfg.seed)
-    codes["pca"] = tuple(c.numpy() for c in pca)
+    codes["pca"] = tuple(c.numpy() for c in pca_features(train_x[idx], test_x, dim=d.pca_dim, seed=cfg.seed))
     return dci_intervals(codes, prep.array("train", "factors")[idx.numpy()], prep.array("test", "factors"),
                          prep.array("test", "object_ids"), bins=d.bins, n_estimators=d.n_estimators,
                          max_depth=d.max_depth, resamples=cfg.shapes_eval.bootstrap, seed=cfg.seed,
@@ -89,10 +89,9 @@ def dci_all(fns: dict, prep, cfg: Config) -> dict:
 
 def control(soda, prep, cfg: Config) -> tuple[dict, torch.Tensor, torch.Tensor]:
     s, names = cfg.shapes_eval, prep.manifest["factor_names"]
-    train_x = prep.images_float("train")
-    reader = FactorReader(train_x, prep.array("train", "factors"), bins=cfg.eval.dci.bins,
-                          pca_dim=s.reader_pca_dim, seed=cfg.seed)
-    test_x, test_f = prep.images_float("test"), prep.array("test", "factors")
+    reader = FactorReader(prep.image_rows("train"), prep.array("train", "factors"), bins=cfg.eval.dci.bins,
+                          pca_dim=s.reader_pca_dim, seed=cfg.seed, fit_rows=s.reader_pca_rows)
+    test_x, test_f = prep.image_rows("test"), prep.array("test", "factors")  # memory-mapped: read in batches
     acc = (reader.predict(test_x) == reader.classes(test_f)).mean(0)
     n = min(s.edit_pairs, len(test_x))
     pick = torch.arange(n) * (len(test_x) // n)  # spread over objects (views are object-major)
