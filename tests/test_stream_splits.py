@@ -146,3 +146,28 @@ def test_pca_of_pixels_projects_test_rows_in_batches_exactly(shapes):
     tr, te = pca_features(train, test, dim=4, seed=0, batch_size=5)
     assert np.array_equal(te.numpy(), ref.transform(shapes.images_float("test").flatten(1).numpy()))
     assert np.array_equal(tr.numpy(), ref.transform(train.flatten(1).numpy())) and max(test.reads) <= 5
+
+
+# ---------------------------------------------------------------- (a) the pixel baselines read their rows in batches
+def test_pixel_features_probe_and_knn_exactly_as_the_in_memory_copy(shapes, monkeypatch):
+    from diffrep.config import LinearProbeConfig
+    from diffrep.eval import features
+    from diffrep.eval.probe import KNN_NORMALIZATIONS, Probe, normalize_for_knn
+
+    monkeypatch.setattr(features, "BLOCK", 5)  # the kNN's training side and the probe's evaluation: 5 rows a read
+    tr, te = Counting(shapes.images("train")), Counting(shapes.images("test"))
+    src = (features.pixels(tr), features.pixels(te))
+    dense = tuple(shapes.images_float(s).flatten(1) for s in ("train", "test"))  # what pixels() used to return
+    assert src[0].shape == tuple(dense[0].shape) and torch.equal(src[0][torch.tensor([4, 1])], dense[0][[4, 1]])
+    y, test_y = (torch.from_numpy(shapes.labels(s)) for s in ("train", "test"))
+    probe = Probe(LinearProbeConfig(seeds=(0, 1), epochs=3, batch_size=8, knn_k=(1, 3, 5), bootstrap=100),
+                  y, shapes.num_classes, run_seed=0)
+    choice = probe.choose(src, test_y)
+    assert choice == probe.choose(dense, test_y)
+    (a, sa), (b, sb) = probe.report([src], test_y, choice), probe.report([dense], test_y, choice)
+    assert a == b and all(torch.equal(sa[c], sb[c]) for c in sa)
+    for how in KNN_NORMALIZATIONS:
+        assert torch.equal(probe.knn(normalize_for_knn(*src, how), test_y, 3), probe.knn(normalize_for_knn(*dense, how), test_y, 3))
+    assert tr.reads and max(tr.reads) <= 8  # the 24 train rows are never read whole: probe batches, kNN blocks
+    with pytest.raises(ValueError, match=r"RowFeatures: rows must be a non-empty \(N, ...\)"):
+        features.RowFeatures(torch.zeros(0, 3))

@@ -248,6 +248,7 @@ class LinearProbeConfig(Section):
     knn_k: tuple[int, ...] = Field((10, 20, 50), min_length=1)  # candidates; the best on val is used
     knn_temperature: float = Field(0.07, gt=0)
     pca_dim: int = Field(32, ge=1)  # the PCA-on-raw-pixels baseline
+    pca_rows: int = Field(10000, ge=2)  # train rows the pixel PCA is fitted on (a fixed draw if the split has more)
     random_init: bool = True  # probe a freshly initialised copy of each encoder (the honest baseline)
     bootstrap: int = Field(2000, ge=100)  # resamples for intervals of seed-averaged scores and permutation tests
 

@@ -1,4 +1,5 @@
-"""Running a frozen model over a whole split in batches (features, reconstructions), and pixel baselines."""
+"""Running a frozen model over a whole split in batches (features, reconstructions), and pixel baselines
+(features read from the rows on demand: RowFeatures)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -23,10 +24,45 @@ def batched(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size:
     return out if out is not None else torch.cat([])
 
 
-def pixels(images) -> torch.Tensor:
-    """(N, C*H*W) float pixels of any rows (a tensor or memory-mapped ImageRows), read in batches: the
-    pixel baselines' features, the only full-size copy they need."""
-    return batched(lambda x: x.flatten(1), images)
+class RowFeatures:
+    """(N, D) features made from rows on demand: `[idx]` (an index array, a tensor or a slice) -> float32 (B, D) =
+    fn(rows[idx]). The pixel baselines' features are the (memory-mapped) images themselves, so the probe and the
+    kNN (eval/probe.py) read them batch by batch from the file instead of holding an (N, C*H*W) copy."""
+
+    def __init__(self, rows, fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.flatten(1)):
+        if len(rows.shape) < 2 or len(rows) == 0:
+            raise ValueError(f"RowFeatures: rows must be a non-empty (N, ...) tensor or ImageRows, got shape {tuple(rows.shape)}")
+        self.rows, self.fn = rows, fn
+        self.shape = (len(rows), int(fn(rows[:1]).shape[1]))  # (N, D)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.fn(self.rows[idx]).float()  # (B, D)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RowFeatures":
+        """The same rows with fn applied to each batch of features (a per-dimension normalisation, ...)."""
+        return RowFeatures(self.rows, lambda x, f=self.fn: fn(f(x)))
+
+
+BLOCK = 4096  # rows of RowFeatures read at once by the probe's evaluation and the kNN's training side
+
+
+def blocks(x, size: int | None = None):
+    """(start, (b, D) block) over the rows of features: a tensor is one block (the in-memory path, unchanged);
+    RowFeatures are read `size` (default BLOCK) rows at a time."""
+    if isinstance(x, torch.Tensor):
+        yield 0, x
+        return
+    size = size or BLOCK
+    for i in range(0, len(x), size):
+        yield i, x[i : i + size]
+
+
+def pixels(images) -> RowFeatures:
+    """The pixel baselines' features: each image flattened, (N, C*H*W), read from the rows when used."""
+    return RowFeatures(images)
 
 
 # model kind -> the method giving its probe features: SODA z, UL clean latent (flattened), l-DAE pooled tokens

@@ -24,20 +24,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffrep.config import LinearProbeConfig
+from diffrep.eval.features import blocks
 from diffrep.eval.intervals import accuracy_summary
 from diffrep.train.rng import derive_seed
 
-Pair = tuple[torch.Tensor, torch.Tensor]  # (features of the training split (N, D), of the evaluated split (M, D))
+# (features of the training split (N, D), of the evaluated split (M, D)): tensors, or RowFeatures read in batches
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def _check(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
-    if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
+def _check(train_x, train_y: torch.Tensor, test_x, test_y: torch.Tensor) -> None:
+    if len(train_x.shape) != 2 or len(test_x.shape) != 2 or train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"features must be (N, D) with the same D; got {tuple(train_x.shape)} and {tuple(test_x.shape)}")
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("features and labels differ in length")
     for name, t in (("train", train_x), ("evaluated", test_x)):
-        if not torch.isfinite(t).all():
+        if not all(torch.isfinite(b).all() for _, b in blocks(t)):
             raise ValueError(f"{name} features contain NaN or Inf: the encoder diverged; check its training loss")
+
+
+def _float(x):
+    return x.float() if isinstance(x, torch.Tensor) else x  # RowFeatures give float32 batches
 
 
 def linear_probe_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -46,7 +52,7 @@ def linear_probe_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
     """Train BatchNorm(affine=False) + Linear on frozen features; whether each test image is right, bool (M,)."""
     _check(train_x, train_y, test_x, test_y)
     g = torch.Generator().manual_seed(seed)
-    train_x, test_x = train_x.float(), test_x.float()
+    train_x, test_x = _float(train_x), _float(test_x)
     head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], num_classes))
     with torch.no_grad():  # seeded init, independent of the global RNG
         head[1].weight.normal_(0, 0.01, generator=g)
@@ -67,22 +73,38 @@ def linear_probe_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
             sched.step()
     head.eval()
     with torch.no_grad():
-        return head(test_x).argmax(1) == test_y
+        return torch.cat([head(b).argmax(1) for _, b in blocks(test_x)]) == test_y
 
 
-def knn_correct(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+def knn_correct(train_x, train_y: torch.Tensor, test_x, test_y: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted cosine kNN: whether each test feature's predicted class is right, bool (N_test,)."""
+    """Weighted cosine kNN: whether each test feature's predicted class is right, bool (N_test,).
+
+    Features are tensors, or RowFeatures: then the training rows are read in blocks and the k nearest kept as
+    a running top-k, so no (N, D) copy is made (the same neighbours, up to the order of exact ties)."""
     _check(train_x, train_y, test_x, test_y)
-    train_n = F.normalize(train_x.float(), dim=1)
-    k = min(k, len(train_n))
+    train_n = F.normalize(train_x.float(), dim=1) if isinstance(train_x, torch.Tensor) else None
+    k = min(k, len(train_x))
     preds = []
     for i in range(0, len(test_x), chunk):
         q = F.normalize(test_x[i:i + chunk].float(), dim=1)
-        sim, idx = (q @ train_n.T).topk(k, dim=1)  # (b, k)
+        sim, idx = (q @ train_n.T).topk(k, dim=1) if train_n is not None else _streamed_topk(q, train_x, k)  # (b, k)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds) == test_y
+
+
+def _streamed_topk(q: torch.Tensor, train, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, D) unit queries -> the cosine similarities and row indices (b, k) of their k nearest training rows."""
+    best_s = best_i = None
+    for start, block in blocks(train):
+        s = q @ F.normalize(block, dim=1).T  # (b, n_block)
+        i = torch.arange(start, start + s.shape[1]).expand_as(s)
+        if best_s is not None:
+            s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+        best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
+        best_i = i.gather(1, pos)
+    return best_s, best_i
 
 
 KNN_NORMALIZATIONS = ("none", "center", "standardize")
@@ -98,6 +120,14 @@ def normalize_for_knn(train_x: torch.Tensor, test_x: torch.Tensor, how: str) -> 
         raise ValueError(f"kNN normalisation {how!r}: expected one of {', '.join(KNN_NORMALIZATIONS)}")
     if how == "none":
         return train_x, test_x
+    if not isinstance(train_x, torch.Tensor):  # RowFeatures: float64 moments over blocks, applied per batch
+        n, s1, s2 = len(train_x), 0.0, 0.0
+        for _, b in blocks(train_x):
+            s1, s2 = s1 + b.double().sum(0), s2 + b.double().square().sum(0)
+        mean = s1 / n
+        scale = torch.sqrt((s2 / n - mean.square()).clamp_min(0) + 1e-5).float() if how == "standardize" else 1.0
+        norm = lambda b, m=mean.float(): (b - m) / scale
+        return tuple(x.map(norm) if not isinstance(x, torch.Tensor) else norm(x.float()) for x in (train_x, test_x))
     train_x, test_x = train_x.float(), test_x.float()
     mean = train_x.mean(0)  # (D,)
     scale = torch.sqrt(train_x.var(0, unbiased=False) + 1e-5) if how == "standardize" else 1.0

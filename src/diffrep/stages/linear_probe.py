@@ -7,8 +7,9 @@ Representations (all on the same prepared split, all computed in this run):
                         fresh weights (a new init per probe seed), keeping only the
                         artifact's buffers (fixed, untrained state such as l-DAE's
                         fitted patch-PCA tokenizer): what the architecture gives for free
-  raw_pixels, pca       the flattened images, and their top `probe.pca_dim` principal
-                        components (sklearn PCA fitted on the training split)
+  raw_pixels, pca       the flattened images (read from the memory-mapped rows batch by batch), and
+                        their top `probe.pca_dim` principal components (sklearn PCA fitted on the
+                        training split, at most `probe.pca_rows` rows of it)
 Protocol (eval/probe.py): kNN k and probe lr chosen on val per representation;
 then the test split is released and read once: kNN (Wilson 95% interval) and the
 probe trained once per seed, per-image correctness averaged (bootstrap 95% interval).
@@ -32,7 +33,7 @@ import torch
 
 from diffrep.config import Config
 from diffrep.data.prepared import load_prepared
-from diffrep.eval.features import feature_fn, fit_pca, pixels
+from diffrep.eval.features import batched, feature_fn, fit_pca, pixels, subset
 from diffrep.eval.knn_study import knn_by_normalization
 from diffrep.eval.plots import bar_chart
 from diffrep.eval.probe import Probe, comparisons
@@ -82,8 +83,12 @@ def representations(ctx, cfg: Config, x_train: torch.Tensor) -> tuple[dict, dict
                 features(build_encoder(path, kind, derive_seed("random-init", cfg.seed, name, s)), kind)
                 for s in p.seeds]
             groups[f"{name}_random_init"] = "baseline"
-    pca = fit_pca(pixels(x_train), dim=p.pca_dim, seed=cfg.seed)  # the pixel baselines: their features are pixels
-    fns["raw_pixels"], fns["pca"] = [pixels], [lambda x: pca(pixels(x))]
+    # the pixel baselines: raw pixels are read from the rows when used (RowFeatures); PCA is fitted on at most
+    # probe.pca_rows train rows (all, in order, when the split has no more) and projects in batches
+    n = len(x_train)
+    pca = fit_pca(x_train[:] if n <= p.pca_rows else x_train[subset(n, p.pca_rows, "probe-pca", cfg.seed).sort().values],
+                  dim=p.pca_dim, seed=cfg.seed)
+    fns["raw_pixels"], fns["pca"] = [pixels], [lambda x: batched(lambda b: pca(b.flatten(1)), x)]
     groups |= {"raw_pixels": "baseline", "pca": "baseline"}
     return fns, groups, missing, inputs
 
