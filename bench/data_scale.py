@@ -2,6 +2,7 @@
 vs in-memory img/s.
 
     python -m bench.data_scale rss --sizes 20000 200000       # -> bench/results/data_scale_rss.json ("rows")
+    python -m bench.data_scale rss --stage soda3d             # -> the same file ("soda3d"): 3D SODA training
     python -m bench.data_scale prepare-rss --sizes 20000 200000   # -> the same file ("prepare")
     python -m bench.data_scale speed --prepared data/prepared   # -> bench/results/data_scale_speed.json
 
@@ -39,11 +40,15 @@ TINY = {"seed": 0, "data": {"source": "digits", "image_size": SHAPE[-1]}, "runti
         "eval": {"batch_size": 500}}
 
 
-def write_synthetic(out: Path, n: int, chunk: int = 10_000) -> None:
-    """A prepared folder (train/val/test = 70/10/20%) written chunk by chunk through np.lib.format.open_memmap."""
+def write_synthetic(out: Path, n: int, chunk: int = 10_000, views: int = 0) -> None:
+    """A prepared folder (train/val/test = 70/10/20%) written chunk by chunk through np.lib.format.open_memmap.
+
+    views > 0: 3D data, `views` rows per object (object ids and random poses (sin az, cos az, elevation))."""
     out.mkdir(parents=True)
     counts = {"train": n * 7 // 10, "val": n // 10}
     counts["test"] = n - counts["train"] - counts["val"]
+    if views:  # whole objects in every split
+        counts = {k: m - m % views for k, m in counts.items()}
     files, g = {}, np.random.default_rng(0)
     for split, m in counts.items():
         x = np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(m, *SHAPE))
@@ -52,51 +57,87 @@ def write_synthetic(out: Path, n: int, chunk: int = 10_000) -> None:
         x.flush()
         del x
         np.save(out / f"{split}_labels.npy", np.arange(m, dtype=np.int64) % CLASSES)
-        for name in (f"{split}_images.npy", f"{split}_labels.npy"):
+        names = [f"{split}_images.npy", f"{split}_labels.npy"]
+        if views:
+            az = g.uniform(-1.2, 1.2, m)
+            np.save(out / f"{split}_poses.npy", np.stack([np.sin(az), np.cos(az), g.uniform(0.1, 0.6, m)], 1)
+                    .astype(np.float32))
+            np.save(out / f"{split}_object_ids.npy", np.arange(m, dtype=np.int64) // views)
+            names += [f"{split}_poses.npy", f"{split}_object_ids.npy"]
+        for name in names:
             files[name] = file_hash(out / name)
     write_json(out / "manifest.json", {
         "source": "digits", "image_shape": list(SHAPE), "class_names": [str(k) for k in range(CLASSES)],
         "num_classes": CLASSES, "counts": counts, "seed": 0, "files": files,
+        "pose_layout": ["sin_azimuth", "cos_azimuth", "elevation"] if views else None,
         "class_counts": {s: np.bincount(np.arange(m) % CLASSES, minlength=CLASSES).tolist() for s, m in counts.items()}})
 
 
-def stage_child(root: str, in_memory: bool) -> None:
+NET = {"channels": 8, "channel_mult": [1, 2], "attn_resolutions": [], "groups": 4, "heads": 1}
+SODA3D = {"seed": 0, "data": {"source": "shapes", "image_size": SHAPE[-1]}, "runtime": {"device": "cpu", "num_threads": 1},
+          "soda": {"z_dim": 6, "encoder": {"width": 8, "stages": 2}, "unet": NET, "diffusion": {"sample_steps": 2},
+                   "eval_images": 8, "train": {"steps": 30, "batch_size": 16, "ckpt_every": 1000, "log_every": 10}}}
+VIEWS = 5
+
+
+def stage_child(root: str, in_memory: bool, stage: str = "feature_net") -> None:
+    import torch
+
     from diffrep.config import parse_config
-    from diffrep.data.prepared import Prepared
-    from diffrep.stages import feature_net
+    from diffrep.data.prepared import Prepared, group_views
+    from diffrep.stages import feature_net, soda
 
     if in_memory:  # the control: the stage as it was, every split a float tensor (the measurement must see it)
         Prepared.image_rows = Prepared.images_float
-    feature_net.run(parse_config(TINY), Path(root))
+
+        def grouped(prep):  # 3D SODA before ObjectViews: the whole train split as floats, regrouped by object
+            ids, poses = (torch.from_numpy(prep.array("train", f)) for f in ("object_ids", "poses"))
+            images, poses = group_views(prep.images_float("train"), poses, ids)
+            return {"images": images, "poses": poses}, poses.shape[-1]
+
+        soda.training_data = grouped
+    if stage == "soda3d":
+        soda.run(parse_config(SODA3D), Path(root))
+    else:
+        feature_net.run(parse_config(TINY), Path(root))
 
 
-def rss(sizes: list[int], out: Path) -> dict:
+def rss(sizes: list[int], out: Path, stage: str = "feature_net") -> dict:
+    """Peak RSS of `stage` (feature_net, or soda3d: 3D SODA on objects of VIEWS views) at each size."""
+    views = VIEWS if stage == "soda3d" else 0
     rows = []
     for n, mode in ((n, m) for n in sizes for m in ("memory_mapped", "in_memory_control")):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            write_synthetic(root / "data/prepared", n)
+            write_synthetic(root / "data/prepared", n, views=views)
             kib = root / "rss.txt"
             t = time.perf_counter()
             subprocess.run([sys.executable, str(ROOT / "bench/peak_rss.py"), str(kib), sys.executable, "-m",
-                            "bench.data_scale", "stage-child", str(root)] + (["--in-memory"] if mode != "memory_mapped" else []),
-                           check=True, cwd=ROOT)
-            metrics = json.loads((root / "metrics/feature_net.json").read_text())
+                            "bench.data_scale", "stage-child", str(root), "--stage", stage]
+                           + (["--in-memory"] if mode != "memory_mapped" else []), check=True, cwd=ROOT)
+            metrics = json.loads((root / f"metrics/{'soda' if views else 'feature_net'}.json").read_text())
             rows.append({"n_images": n, "data": mode, "prepared_mib": round(sum(f.stat().st_size for f in
                                                                  (root / "data/prepared").iterdir()) / 2**20, 1),
                          "peak_rss_mib": round(int(kib.read_text()) / 1024, 1), "wall_s": round(time.perf_counter() - t, 1),
-                         "stage_val_accuracy": metrics["val_accuracy"]})
+                         **({"stage_final_loss": metrics["final_loss"]} if views else
+                            {"stage_val_accuracy": metrics["val_accuracy"]})})
             print(rows[-1], flush=True)
     peak = {m: [r["peak_rss_mib"] for r in rows if r["data"] == m] for m in ("memory_mapped", "in_memory_control")}
     ratio = peak["memory_mapped"][-1] / peak["memory_mapped"][0]
-    res = {"what": "peak RSS of the feature_net stage (load_prepared with sha256 verification, training from the "
-                   "memory-mapped split, batched accuracy on every split, model written)",
-           "image_shape": list(SHAPE), "rows": rows, "rss_ratio_largest_to_smallest": round(ratio, 3),
+    what = ("peak RSS of the feature_net stage (load_prepared with sha256 verification, training from the "
+            "memory-mapped split, batched accuracy on every split, model written)") if not views else (
+            f"peak RSS of the soda stage on 3D data ({VIEWS} views per object: ObjectViews training, reconstructions "
+            "and novel views of the first test objects, model written); control: the train split as floats, "
+            "regrouped by object (group_views), as before")
+    res = {"what": what, "image_shape": list(SHAPE), "rows": rows, "rss_ratio_largest_to_smallest": round(ratio, 3),
            "control_ratio_largest_to_smallest": round(peak["in_memory_control"][-1] / peak["in_memory_control"][0], 3),
            "flat_within_10pct": ratio <= 1.10, "note": "measured under contention (shared 2-core machine)"}
-    if out.is_file() and "prepare" in (old := json.loads(out.read_text())):
-        res["prepare"] = old["prepare"]  # prepare-rss's numbers stay
-    write_json(out, res)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    if views:
+        doc["soda3d"] = res  # beside the feature_net and prepare numbers, which stay
+    else:
+        doc = res | {k: doc[k] for k in ("prepare", "soda3d") if k in doc}  # the other sections' numbers stay
+    write_json(out, doc)
     return res
 
 
@@ -194,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("rss")
     r.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     r.add_argument("--out", type=Path, default=ROOT / "bench/results/data_scale_rss.json")
+    r.add_argument("--stage", choices=["feature_net", "soda3d"], default="feature_net")
     q = sub.add_parser("prepare-rss")
     q.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     q.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -204,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("stage-child")
     c.add_argument("root")
     c.add_argument("--in-memory", action="store_true")
+    c.add_argument("--stage", choices=["feature_net", "soda3d"], default="feature_net")
     a = p.parse_args(argv)
     if a.cmd == "stage-child":
-        stage_child(a.root, a.in_memory)
+        stage_child(a.root, a.in_memory, a.stage)
     elif a.cmd == "prepare-rss":
         print(json.dumps(prepare_rss(a.sizes, a.out, a.workers), indent=1))
     elif a.cmd == "rss":
-        print(json.dumps(rss(a.sizes, a.out), indent=1))
+        print(json.dumps(rss(a.sizes, a.out, a.stage), indent=1))
     else:
         print(json.dumps(speed(a.prepared, a.out), indent=1))
     return 0

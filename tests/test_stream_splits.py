@@ -63,8 +63,10 @@ def test_object_views_read_the_grouped_rows_exactly(shapes):
 
 def test_object_views_refuse_bad_inputs_by_name(shapes):
     rows = shapes.image_rows("train")
-    with pytest.raises(TypeError, match="ObjectViews: rows must be an ImageRows"):
-        ObjectViews(shapes.images_float("train"), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"ObjectViews: rows must be an ImageRows .* got memmap \(24, 3, 8, 8\)"):
+        ObjectViews(shapes.images("train"), torch.zeros(2, 2, dtype=torch.long))  # uint8, not float rows
+    index = view_index(torch.from_numpy(shapes.array("train", "object_ids")))
+    assert torch.equal(ObjectViews(shapes.images_float("train"), index)[:2], ObjectViews(rows, index)[:2])
     with pytest.raises(ValueError, match=r"ObjectViews: index must be an int64 \(n_objects, views\)"):
         ObjectViews(rows, torch.zeros(4, dtype=torch.long))
     with pytest.raises(IndexError, match="ObjectViews: index holds rows outside"):

@@ -94,14 +94,15 @@ def view_index(object_ids: torch.Tensor) -> torch.Tensor:
 
 
 class ObjectViews:
-    """Rows of single views (an ImageRows) seen one object per row: `[idx]` -> float32 (B, V, C, H, W).
+    """Rows of single views (an ImageRows, or a tensor) seen one object per row: `[idx]` -> float32 (B, V, C, H, W).
 
     `index` (n_obj, V) holds each object's view rows (`view_index`); indexing (an int array, a tensor or a slice of
     objects) reads only those objects' views, so the Trainer's batches and the evaluation's chunks touch B * V rows."""
 
-    def __init__(self, rows: ImageRows, index: torch.Tensor):
-        if not isinstance(rows, ImageRows):
-            raise TypeError(f"ObjectViews: rows must be an ImageRows (Prepared.image_rows), got {type(rows).__name__}")
+    def __init__(self, rows: ImageRows | torch.Tensor, index: torch.Tensor):
+        if not (isinstance(rows, ImageRows) or isinstance(rows, torch.Tensor) and rows.ndim == 4):
+            raise TypeError("ObjectViews: rows must be an ImageRows (Prepared.image_rows) or a (N, C, H, W) tensor, "
+                            f"got {type(rows).__name__} {tuple(getattr(rows, 'shape', ()))}")
         if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.ndim != 2:
             raise ValueError("ObjectViews: index must be an int64 (n_objects, views) tensor (view_index(object_ids)); "
                              f"got {getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
