@@ -173,3 +173,12 @@ def test_pixel_features_probe_and_knn_exactly_as_the_in_memory_copy(shapes, monk
     assert tr.reads and max(tr.reads) <= 8  # the 24 train rows are never read whole: probe batches, kNN blocks
     with pytest.raises(ValueError, match=r"RowFeatures: rows must be a non-empty \(N, ...\)"):
         features.RowFeatures(torch.zeros(0, 3))
+
+
+def test_the_benchmarks_synthetic_3d_folder_loads_and_groups(tmp_path):
+    from bench.data_scale import write_synthetic
+
+    write_synthetic(tmp_path / "p", 103, views=5)  # whole objects in every split
+    prep = load_prepared(tmp_path / "p")  # every file hashed as the manifest says
+    data, pose_dim = training_data(prep)
+    assert pose_dim == 3 and data["images"].shape == (14, 5, 1, 16, 16) and data["poses"].shape == (14, 5, 3)
