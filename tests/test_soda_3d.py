@@ -27,14 +27,14 @@ def tiny_soda(pose_dim: int = 3, channels: int = 3, std: float = 0.1) -> Soda:
 
 
 def test_multi_view_average_of_identical_views_is_the_single_view():
-    model = tiny_soda(std=0.02)  # a tame decoder: a 1-ulp change of z stays a 1-ulp-sized change of the render
+    model = tiny_soda(std=0.02)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-    assert torch.allclose(nvs.multi_view_z(model, x[:, None].expand(-1, 3, -1, -1, -1)), model.encode(x), atol=1e-6)
+    assert torch.equal(nvs.multi_view_z(model, x[:, None].expand(-1, 3, -1, -1, -1)), model.encode(x))  # exactly
     views = torch.stack([x, x, x, torch.rand(4, 3, 8, 8, generator=g)], 1)  # three identical sources, a target
     poses = torch.rand(4, 4, 3, generator=g)
     out = nvs.synthesise(model, views, poses, (1, 3), seed=0)
-    assert torch.allclose(out[1], out[3], atol=1e-5)
+    assert torch.equal(out[1], out[3])  # (a plain mean was 1 ulp off in z for some inits: 7e-5 in the render)
     with pytest.raises(ValueError, match="k=4 source views need objects with more than 4 views"):
         nvs.synthesise(model, views, poses, (4,), seed=0)
 

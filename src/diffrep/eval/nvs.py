@@ -18,9 +18,13 @@ from diffrep.eval.recon import psnr_per_image, ssim_per_image
 
 
 def multi_view_z(model, sources: torch.Tensor) -> torch.Tensor:
-    """(n, k, C, H, W) source views -> (n, z_dim): the mean of their codes."""
+    """(n, k, C, H, W) source views -> (n, z_dim): the mean of their codes.
+
+    Taken as z_1 + mean(z_i - z_1), which is exactly z_1 when the views' codes are equal (a plain mean of
+    k equal floats can be 1 ulp off, and the decoder's sampling loop can grow that to 1e-4 in the render)."""
     n, k = sources.shape[:2]
-    return model.encode(sources.flatten(0, 1)).unflatten(0, (n, k)).mean(1)
+    z = model.encode(sources.flatten(0, 1)).unflatten(0, (n, k))  # (n, k, z_dim)
+    return z[:, 0] + (z - z[:, :1]).mean(1)
 
 
 def pose_bins(poses: torch.Tensor, az_bins: int, el_bins: int) -> torch.Tensor:
