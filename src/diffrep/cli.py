@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `diffrep` command itself (not a caller passing argv): this checkout's code
+        from diffrep.checkout import run_own_checkout
+
+        run_own_checkout(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
