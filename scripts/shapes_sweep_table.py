@@ -24,16 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from diffrep.audit import flatten  # nested params -> the dotted keys DVC shows
+
 PARAMS, EVAL = "pipelines/shapes/params.yaml", "pipelines/shapes/metrics/shapes_eval.json"
 PROBE = "pipelines/shapes/metrics/linear_probe.json"
 SWEPT = ("soda", "shapes_eval")  # the sections whose changes name a row
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 def ci(v: float, lo_hi, digits: int) -> str:
@@ -52,7 +47,7 @@ def git_json(rev: str, path: str):
 
 def swept(rev: str) -> dict:
     p = git_json(rev, PARAMS) or {}
-    return flat({s: p.get(s) or {} for s in SWEPT})
+    return flatten({s: p.get(s) or {} for s in SWEPT})
 
 
 def row(name: str, rev: str, base_params: dict) -> list[str] | None:
